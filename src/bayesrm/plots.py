@@ -1,0 +1,94 @@
+"""Figures for BoN overoptimisation experiments, written as PNGs atomically (temp file + os.replace).
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend state), so it is safe to call
+from scripts, tests and worker threads alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bayesrm.bon import BonCurve
+
+KL_LABEL = "KL(π_BoN ‖ π_ref) [nats]"
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
+
+
+def _styles(n_lines: int) -> list[tuple[tuple[float, ...], str]]:
+    """A distinct (colour, marker) per line: tab10 up to 10 lines, tab20 beyond."""
+    cmap = colormaps["tab10" if n_lines <= 10 else "tab20"]
+    return [(tuple(cmap(i % cmap.N)), _MARKERS[i % len(_MARKERS)]) for i in range(n_lines)]
+
+
+def _save_atomic(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
+    """Render fig to a temp file beside path, then os.replace it into place (no reader sees half a file)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=dpi)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def plot_bon(curves: list[BonCurve], path: str | os.PathLike[str], title: str) -> Path:
+    """Overoptimisation figure in the papers' layout: proxy vs KL (left), gold vs KL with CI band (right)."""
+    if not curves:
+        raise ValueError("plot_bon needs at least one curve")
+    fig = Figure(figsize=(12.0, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_proxy, ax_gold = fig.subplots(1, 2)
+    for c, (colour, marker) in zip(curves, _styles(len(curves)), strict=True):
+        for ax, y in ((ax_proxy, c.proxy), (ax_gold, c.gold)):
+            ax.plot(c.kl, y, label=c.name, color=colour, marker=marker, markersize=4, linewidth=1.5)
+        ax_gold.fill_between(c.kl, c.gold_lo, c.gold_hi, color=colour, alpha=0.15, linewidth=0)
+    for ax, ylabel, name in ((ax_proxy, "proxy reward", "Proxy"), (ax_gold, "gold reward", "Gold")):
+        ax.set_xlabel(KL_LABEL)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.set_xlim(left=0.0)
+    handles, labels = ax_gold.get_legend_handles_labels()
+    ncol = min(len(curves), 5)
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, frameon=False)
+    fig.suptitle(title)
+    return _save_atomic(fig, path)
+
+
+def plot_k_sweep(results: dict[str, dict[float, float]], path: str | os.PathLike[str], title: str) -> Path:
+    """Gold reward at the largest N against penalty weight k, one line per penalty type ("std", "var", …)."""
+    if not results:
+        raise ValueError("plot_k_sweep needs at least one penalty type")
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    all_k: list[float] = []
+    for (penalty, by_k), (colour, marker) in zip(results.items(), _styles(len(results)), strict=True):
+        ks = np.array(sorted(by_k), dtype=np.float64)  # (M,)
+        gold = np.array([by_k[k] for k in sorted(by_k)], dtype=np.float64)  # (M,)
+        ax.plot(ks, gold, label=penalty, color=colour, marker=marker, markersize=5, linewidth=1.5)
+        all_k.extend(ks.tolist())
+    positive = [k for k in all_k if k > 0]
+    if positive and max(positive) / min(positive) > 100:  # weights spanning decades: log scale, 0 kept linear
+        ax.set_xscale("symlog", linthresh=min(positive))
+    ax.set_xlabel("penalty weight k")
+    ax.set_ylabel("gold reward at largest N")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="penalty", frameon=False)
+    return _save_atomic(fig, path)
