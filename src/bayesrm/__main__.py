@@ -1,0 +1,5 @@
+"""`python -m bayesrm` runs the CLI."""
+
+from bayesrm.cli import app
+
+app()

@@ -1,0 +1,338 @@
+"""`bayesrm` command line: train, eval, laplace, score, bon, demo."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bayesrm.data import DataError, DataFormat, LoadReport, Pair, iter_rows, load_pairs, split_by_prompt
+from bayesrm.progress import progress_bar
+
+app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RMs, Laplace-LoRA, best-of-n.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(fn: F) -> F:
+    """Turn expected user errors into one red line and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, ValueError, FileNotFoundError, KeyError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _parse_fields(fields: list[str] | None) -> dict[str, str]:
+    out = {}
+    for f in fields or []:
+        if "=" not in f:
+            raise ValueError(f"--field expects NAME=COLUMN (e.g. prompt=question), got {f!r}")
+        k, v = f.split("=", 1)
+        if k not in ("prompt", "chosen", "rejected", "id", "source"):
+            raise ValueError(f"--field name must be prompt, chosen, rejected, id or source, got {k!r}")
+        out[k] = v
+    return out
+
+
+def _load(path: str, fmt: str, fields: list[str] | None, skip_invalid: bool, limit: int | None = None) -> list[Pair]:
+    rep = LoadReport()
+    pairs = load_pairs(path, format=fmt, fields=_parse_fields(fields), skip_invalid=skip_invalid, limit=limit,
+                       report=rep)
+    msg = f"{path}: {rep.kept} pairs"
+    if rep.skipped:
+        msg += f", {rep.skipped} invalid rows skipped (first: {rep.errors[0]})"
+    if rep.ties:
+        msg += f", {rep.ties} ties dropped"
+    console.print(msg)
+    if not pairs:
+        raise DataError("no usable pairs", file=path)
+    return pairs
+
+
+FormatOpt = Annotated[str, typer.Option("--format", help="auto | pairs | hh | alpaca_eval")]
+FieldOpt = Annotated[list[str] | None, typer.Option("--field", help="map schema name to column: prompt=question")]
+SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="skip (and count) invalid rows instead of failing")]
+
+
+@app.command("train")
+@_friendly
+def train_cmd(
+    data: Annotated[str, typer.Argument(help="training pairs: .jsonl/.json/.csv/.parquet(.gz) or hf:NAME[:SPLIT]")],
+    out: Annotated[Path, typer.Option(help="run directory (model in OUT/model)")] = Path("runs/rm"),
+    eval_data: Annotated[str | None, typer.Option(help="evaluation pairs; default: a prompt-disjoint split")] = None,
+    eval_frac: Annotated[float, typer.Option(help="fraction of prompts held out when no --eval-data")] = 0.1,
+    backbone: Annotated[str, typer.Option(help="hub id, local path, or the embedded all-MiniLM-L6-v2")] = (
+        "all-MiniLM-L6-v2"),
+    template: Annotated[str, typer.Option(help="oasst | chat | plain")] = "oasst",
+    max_length: int = 500,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: Annotated[str | None, typer.Option(help="comma-separated module names")] = None,
+    epochs: int = 1,
+    lr: float = 2e-4,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    warmup_ratio: float = 0.03,
+    margin: float = 0.0,
+    center_coef: float = 0.0,
+    lora_seed: int = 0,
+    data_seed: int = 0,
+    split_seed: int = 0,
+    mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = "no",
+    max_steps: int | None = None,
+    limit: Annotated[int | None, typer.Option(help="use only the first N pairs")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint")] = False,
+    format: FormatOpt = DataFormat.AUTO.value,
+    field: FieldOpt = None,
+    skip_invalid: SkipOpt = False,
+) -> None:
+    """Train a Bradley–Terry LoRA reward model."""
+    from bayesrm.model import RewardModel, RMConfig
+    from bayesrm.train import TrainConfig, train
+
+    pairs = _load(data, format, field, skip_invalid, limit)
+    if eval_data:
+        train_pairs, eval_pairs = pairs, _load(eval_data, format, field, skip_invalid)
+    else:
+        train_pairs, eval_pairs = split_by_prompt(pairs, (1 - eval_frac, eval_frac), split_seed)
+    mc = RMConfig(backbone=backbone, template=template, max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
+                  lora_dropout=lora_dropout, lora_seed=lora_seed,
+                  target_modules=target_modules.split(",") if target_modules else None,
+                  extra={"train_data": data, "eval_data": eval_data, "split_seed": split_seed})
+    tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
+                     margin=margin, center_coef=center_coef, data_seed=data_seed, mixed_precision=mixed_precision,
+                     max_steps=max_steps)
+    model = RewardModel(mc)
+    console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint)")
+    history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
+    _print_metrics("final", history[-1])
+    console.print(f"model saved to {out / 'model'}")
+
+
+def _print_metrics(title: str, row: dict[str, Any]) -> None:
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in row.items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+@app.command("laplace")
+@_friendly
+def laplace_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="trained model (run dir or model dir)")],
+    data: Annotated[str, typer.Argument(help="the pairs the model was trained on")],
+    val_data: Annotated[str | None, typer.Option(help="validation pairs (for --tau-method val_nll)")] = None,
+    kfac: Annotated[str, typer.Option(help="reduce | expand")] = "reduce",
+    tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = "marglik",
+    prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = "layerwise",
+    prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = 1.0,
+    rank: Annotated[int | None, typer.Option(help="rank of large (≥ --lowrank-threshold) factors")] = None,
+    lowrank_threshold: int = 2048,
+    batch_size: int = 8,
+    limit: int | None = None,
+    format: FormatOpt = DataFormat.AUTO.value,
+    field: FieldOpt = None,
+    skip_invalid: SkipOpt = False,
+) -> None:
+    """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision."""
+    from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
+    from bayesrm.model import RewardModel
+
+    model = RewardModel.load(model_dir)
+    pairs = _load(data, format, field, skip_invalid, limit)
+    val = _load(val_data, format, field, skip_invalid) if val_data else []
+    cfg = LaplaceConfig(kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
+                        prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
+                        batch_size=batch_size)
+    with progress_bar("KFAC fit (pairs)", len(pairs), console) as advance:
+        post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
+    dest = _model_dir(model_dir) / POSTERIOR_DIR
+    post.save(dest)
+    taus = sorted(post.tau.values())
+    console.print(f"posterior saved to {dest}; τ ({cfg.tau_method}, {cfg.prior_structure}): "
+                  f"min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, max {taus[-1]:.4g}; "
+                  f"log marginal likelihood {post.log_marginal_likelihood():.2f}")
+
+
+def _model_dir(p: Path) -> Path:
+    from bayesrm.model import CONFIG_NAME
+
+    return p / "model" if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists() else p
+
+
+@app.command("eval")
+@_friendly
+def eval_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="trained model")],
+    data: Annotated[str, typer.Argument(help="test pairs")],
+    ood: Annotated[str | None, typer.Option(help="out-of-distribution pairs: report AUROC of σ (ID vs OOD)")] = None,
+    limit: int | None = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write metrics here")] = None,
+    format: FormatOpt = DataFormat.AUTO.value,
+    field: FieldOpt = None,
+    skip_invalid: SkipOpt = False,
+) -> None:
+    """Accuracy, NLL and ECE for MAP (and Laplace when a posterior exists); OOD AUROC of σ."""
+    from bayesrm.experiment import pair_eval
+    from bayesrm.io import atomic_write_json
+    from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
+    from bayesrm.metrics import auroc
+    from bayesrm.model import RewardModel
+
+    model = RewardModel.load(model_dir)
+    pairs = _load(data, format, field, skip_invalid, limit)
+    post_dir = _model_dir(model_dir) / POSTERIOR_DIR
+    post = LaplacePosterior.load(post_dir) if (post_dir / "posterior.json").exists() else None
+    row = pair_eval(model, pairs, post)
+    if ood:
+        if post is None:
+            raise ValueError("--ood needs a Laplace posterior: run `bayesrm laplace` first")
+        ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit)
+        _, v_id = post.predict(model, [p.prompt for p in pairs], [p.chosen for p in pairs])
+        _, v_ood = post.predict(model, [p.prompt for p in ood_pairs], [p.chosen for p in ood_pairs])
+        row |= {"ood_auroc_sigma": auroc(v_ood.sqrt().numpy(), v_id.sqrt().numpy()),
+                "sigma_id_mean": float(v_id.sqrt().mean()), "sigma_ood_mean": float(v_ood.sqrt().mean())}
+    _print_metrics(f"{model_dir} on {data}", row)
+    if json_out:
+        atomic_write_json(json_out, row)
+    print(json.dumps(row))
+
+
+@app.command("score")
+@_friendly
+def score_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="trained model")],
+    input: Annotated[str, typer.Argument(help="jsonl/csv/parquet rows with prompt and response")],
+    out: Annotated[Path, typer.Option(help="output jsonl (input rows + reward columns)")] = Path("scores.jsonl"),
+    uncertainty: Annotated[bool, typer.Option(help="add Laplace mean, std and penalised reward")] = False,
+    penalty: Annotated[str, typer.Option(help="std (r − kσ) | var (r − kσ²)")] = "var",
+    k: Annotated[float, typer.Option(help="penalty weight")] = 1.0,
+    batch_size: int = 16,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+) -> None:
+    """Score responses: reward per row, and with --uncertainty the linearised Laplace σ and penalised reward."""
+    from bayesrm.io import write_jsonl
+    from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
+    from bayesrm.model import RewardModel
+    from bayesrm.objectives import parse_spec
+
+    rows = []
+    for line, row in iter_rows(input):
+        for f in (prompt_field, response_field):
+            if not isinstance(row.get(f), str):
+                raise DataError("missing or not text", file=input, line=line, field=f)
+        rows.append(row)
+    model = RewardModel.load(model_dir)
+    prompts, responses = [r[prompt_field] for r in rows], [r[response_field] for r in rows]
+    with progress_bar("scoring", len(rows), console) as advance:
+        if uncertainty:
+            post = LaplacePosterior.load(_model_dir(model_dir) / POSTERIOR_DIR)
+            post.check_matches(model)
+            mean, var = post.predict(model, prompts, responses, batch_size, progress=advance)
+            spec = parse_spec(f"la:{penalty}:k={k}")
+            pen = spec.apply(mean.unsqueeze(0), var.unsqueeze(0))
+            for r, m_, v_, p_ in zip(rows, mean.tolist(), var.tolist(), pen.tolist(), strict=True):
+                r |= {"reward": m_, "reward_std": v_ ** 0.5, "reward_var": v_, "reward_penalized": p_,
+                      "penalty": str(spec)}
+        else:
+            scores = model.score(prompts, responses, batch_size, progress=advance)
+            for r, s in zip(rows, scores.tolist(), strict=True):
+                r["reward"] = s
+    write_jsonl(out, rows)
+    console.print(f"wrote {len(rows)} scored rows to {out}")
+
+
+@app.command("bon")
+@_friendly
+def bon_cmd(
+    config: Annotated[Path, typer.Argument(help="experiment config (.toml or .json)")],
+    out: Annotated[Path, typer.Option(help="output directory (resumable: finished stages are reused)")] = Path(
+        "runs/bon"),
+) -> None:
+    """Best-of-n overoptimisation experiment: gold vs proxy vs KL for MAP, Laplace and ensemble rewards."""
+    from bayesrm.experiment import load_config, run_bon
+
+    _report(run_bon(load_config(config), out, log=console.print), out)
+
+
+def _report(results: dict[str, Any], out: Path) -> None:
+    console.print((out / "results.md").read_text())
+    console.print(f"results: {out / 'results.json'}, plots: {out / 'bon.png'}, {out / 'k_sweep.png'} "
+                  f"({results['seconds']:.0f} s)")
+
+
+@app.command("demo")
+@_friendly
+def demo_cmd(
+    data_dir: Annotated[Path, typer.Option(help="folder with alpaca_eval/annotations.jsonl.gz")] = Path(
+        "../shared/data"),
+    out: Path = Path("runs/demo"),
+    members: Annotated[int, typer.Option(help="proxy ensemble size (1: MAP and Laplace only)")] = 1,
+) -> None:
+    """End-to-end on CPU: gold-labelled AlpacaEval pairs → MiniLM LoRA proxy → Laplace → BoN on held-out prompts."""
+    from bayesrm.experiment import demo_config, run_bon
+
+    _report(run_bon(demo_config(str(data_dir), members), out, log=console.print), out)
+
+
+@app.command("sample")
+@_friendly
+def sample_cmd(
+    policy: Annotated[str, typer.Argument(help="causal LM: hub id or local path")],
+    prompts: Annotated[str, typer.Argument(help="jsonl/csv/parquet with a prompt (or instruction) column")],
+    out: Annotated[Path, typer.Option(help="output folder: shard_*.jsonl and pool.jsonl")] = Path("runs/pool"),
+    n: Annotated[int, typer.Option(help="samples per prompt")] = 16,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    gguf_file: Annotated[str | None, typer.Option(help="GGUF file inside POLICY")] = None,
+    template: Annotated[str, typer.Option(help="auto | chat | oasst | plain")] = "auto",
+    shard_size: int = 32,
+    batch_prompts: int = 4,
+    seed: int = 0,
+    backend: Annotated[str, typer.Option(help="auto | transformers | vllm")] = "auto",
+    limit: int | None = None,
+) -> None:
+    """Draw n responses per prompt from a policy (sharded and resumable) to build a best-of-n pool."""
+    from bayesrm.sample import SampleConfig, sample_pool
+
+    texts = []
+    for line, row in iter_rows(prompts):
+        text = row.get("prompt", row.get("instruction"))
+        if not isinstance(text, str):
+            raise DataError("missing or not text", file=prompts, line=line, field="prompt")
+        if text not in texts:
+            texts.append(text)
+    texts = texts[:limit] if limit else texts
+    cfg = SampleConfig(model=policy, gguf_file=gguf_file, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, template=template, shard_size=shard_size, batch_prompts=batch_prompts, seed=seed,
+                       backend=backend)
+    with progress_bar(f"sampling {n} per prompt", len(texts), console) as advance:
+        path = sample_pool(texts, cfg, out, progress=advance)
+    console.print(f"pool of {len(texts)} prompts × {n} written to {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

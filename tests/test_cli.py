@@ -1,0 +1,96 @@
+"""The typer CLI end to end on a tiny backbone: train → laplace → eval → score, and its error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bayesrm.cli import app
+from conftest import toy_pairs
+
+runner = CliRunner()
+
+
+def _write_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
+    path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in toy_pairs(n, seed)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_dir: dict[str, str]) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("cli")
+    data = _write_pairs(tmp / "train.jsonl", 32)
+    run = tmp / "run"
+    res = runner.invoke(app, ["train", str(data), "--out", str(run), "--backbone", tiny_dir["bert"],
+                              "--max-length", "48", "--lora-r", "2", "--lora-alpha", "4", "--epochs", "2",
+                              "--lr", "1e-2", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["laplace", str(run), str(data)])
+    assert res.exit_code == 0, res.output
+    return run, data
+
+
+def test_train_writes_model_metrics_and_checkpoint(trained: tuple[Path, Path]) -> None:
+    run, _ = trained
+    assert (run / "model" / "bayesrm.json").exists() and (run / "checkpoint" / "state.json").exists()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "eval_accuracy" in rows[-1]
+    assert (run / "model" / "laplace" / "posterior.json").exists()
+
+
+def test_eval_reports_map_and_laplace_with_ood(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, data = trained
+    ood = tmp_path / "ood.jsonl"
+    ood.write_text("".join(json.dumps({"prompt": "zzz " * 20, "chosen": "qqq xxx " * 15, "rejected": "vvv"}) + "\n"
+                           for _ in range(4)))
+    res = runner.invoke(app, ["eval", str(run), str(data), "--ood", str(ood)])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    for k in ("map_accuracy", "map_nll", "map_ece", "la_nll", "la_ece", "ood_auroc_sigma"):
+        assert k in row
+    assert 0.0 <= row["ood_auroc_sigma"] <= 1.0
+
+
+def test_score_with_uncertainty_adds_columns(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, _ = trained
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": "question 1 about cats", "response": r}) + "\n"
+                           for r in ["good great", "bad awful", "kind clear correct"]))
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["score", str(run), str(inp), "--out", str(out), "--uncertainty", "--penalty", "std",
+                              "--k", "2"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["reward_std"] > 0
+        assert r["reward_penalized"] == pytest.approx(r["reward"] - 2 * r["reward_std"], rel=1e-6, abs=1e-9)
+        assert r["penalty"].startswith("la:std")
+    plain = tmp_path / "plain.jsonl"
+    res = runner.invoke(app, ["score", str(run), str(inp), "--out", str(plain)])
+    assert res.exit_code == 0, res.output
+    p_rows = [json.loads(x) for x in plain.read_text().splitlines()]
+    assert [r["reward"] for r in p_rows] == pytest.approx([r["reward"] for r in rows], abs=1e-5)
+
+
+def test_bad_input_gives_one_clear_line(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, _ = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": 3, "rejected": "b"}\n')
+    res = runner.invoke(app, ["train", str(bad), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    assert "bad.jsonl:2" in res.output and "chosen" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["score", str(tmp_path / "nope"), str(bad)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    res = runner.invoke(app, ["train", str(bad), "--field", "prompt"])
+    assert res.exit_code == 2 and "NAME=COLUMN" in res.output
+
+
+def test_help_lists_commands() -> None:
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("train", "eval", "score", "laplace", "bon", "demo", "sample"):
+        assert cmd in res.output
