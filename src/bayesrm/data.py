@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 class DataError(ValueError):
@@ -53,9 +53,10 @@ class Pair:
 class LoadReport:
     """What a loader kept and dropped (skipped invalid rows, AlpacaEval ties)."""
 
-    kept: int = 0
-    skipped: int = 0
-    ties: int = 0
+    kept: int = 0  # pairs returned
+    skipped: int = 0  # invalid rows skipped (skip_invalid=True)
+    ties: int = 0  # AlpacaEval annotations with preference 1.5
+    filtered: int = 0  # AlpacaEval annotations by other judges than `annotator`
     errors: list[str] = field(default_factory=list)  # first few skipped-row messages
 
 
@@ -70,11 +71,14 @@ class DataFormat(str, Enum):
 
 # --------------------------------------------------------------------------- raw rows
 
+RowOrError = tuple[int, dict[str, Any] | DataError]  # a bad record is yielded, not raised, so it can be skipped
 
-def _open_text(path: Path) -> io.TextIOBase:
+
+def _open_text(path: Path, newline: str | None = None) -> IO[str]:
+    """Open a text file (gzip if it ends in .gz); utf-8-sig so a spreadsheet's BOM is not part of a column name."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def _suffix(path: Path) -> str:
@@ -82,61 +86,136 @@ def _suffix(path: Path) -> str:
     return suffixes[-1].lower() if suffixes else ""
 
 
-def iter_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_or_row_number, row dict) from jsonl / json / csv / parquet (optionally .gz)."""
+def _iter_jsonl(p: Path) -> Iterator[RowOrError]:
+    with _open_text(p) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, DataError(f"malformed JSON ({e.msg}, column {e.colno})", file=str(p), line=i)
+                continue
+            if not isinstance(row, dict):
+                yield i, DataError(f"expected a JSON object, got {type(row).__name__}", file=str(p), line=i)
+                continue
+            yield i, row
+
+
+def _json_array_items(text: str, file: str) -> Iterator[tuple[int, Any]]:
+    """Items of a top-level JSON array with the line each one starts on (raw_decode, one pass)."""
+    dec, pos, line, seen = json.JSONDecoder(), text.index("[") + 1, 1, 0
+
+    def skip_ws(k: int) -> int:
+        while k < len(text) and text[k] in " \t\r\n":
+            k += 1
+        return k
+
+    pos = skip_ws(pos)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        line += text.count("\n", seen, pos)
+        seen = pos
+        try:
+            item, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON ({e.msg}, column {e.colno})", file=file, line=e.lineno) from None
+        yield line, item
+        pos = skip_ws(pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]" and not text[pos + 1:].strip():
+            return
+        line += text.count("\n", seen, pos)
+        raise DataError("malformed JSON (expected ',' or ']')", file=file, line=line)
+
+
+def _iter_json(p: Path) -> Iterator[RowOrError]:
+    with _open_text(p) as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        items: Iterable[tuple[int, Any]] = _json_array_items(text, str(p))
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON ({e.msg})", file=str(p), line=e.lineno) from None
+        items = enumerate(_unwrap_json(data, str(p)), 1)  # numbered by item: no line positions here
+    for i, row in items:
+        if not isinstance(row, dict):
+            yield i, DataError(f"expected a JSON object, got {type(row).__name__}", file=str(p), line=i)
+        else:
+            yield i, row
+
+
+def _unwrap_json(data: Any, file: str) -> list[Any]:
+    """Rows of {"data": [...]} (one key holding a list) or column-oriented {"col": [v, ...], ...}."""
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1 and len(data) == 1:
+            return lists[0]
+        if data and len(lists) == len(data) and len({len(v) for v in lists}) == 1:
+            return [dict(zip(data, vals, strict=True)) for vals in zip(*lists, strict=True)]
+    raise DataError("expected a list of objects, one key holding it, or equal-length columns", file=file)
+
+
+def _iter_csv(p: Path, delimiter: str) -> Iterator[RowOrError]:
+    with _open_text(p, newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        start = 2  # the header is line 1; a quoted field may span several lines
+        for row in reader:
+            if None in row:
+                yield start, DataError(f"{len(row[None])} more values than header columns",
+                                       file=str(p), line=start)
+            else:
+                yield start, dict(row)
+            start = reader.line_num + 1
+
+
+def _iter_parquet(p: Path) -> Iterator[RowOrError]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - optional dependency
+        raise DataError("reading parquet needs pyarrow: pip install 'bayesrm[parquet]'", file=str(p)) from None
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"cannot read parquet ({e})", file=str(p)) from None
+    yield from enumerate(table.to_pylist(), 1)
+
+
+def _iter_any(path: str | Path) -> Iterator[RowOrError]:
+    """Rows of a file, with bad records as `DataError` values so callers can skip them."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise DataError("file not found", file=str(p))
     kind = _suffix(p)
     if kind in (".jsonl", ".ndjson"):
-        with _open_text(p) as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"malformed JSON ({e.msg}, column {e.colno})", file=str(p), line=i) from None
-                if not isinstance(row, dict):
-                    raise DataError(f"expected a JSON object, got {type(row).__name__}", file=str(p), line=i)
-                yield i, row
-    elif kind == ".json":
-        with _open_text(p) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON ({e.msg})", file=str(p), line=e.lineno) from None
-        if isinstance(data, dict):  # {"data": [...]} or column-oriented
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
-                data = lists[0]
-            else:
-                raise DataError("expected a list of objects (or one key holding it)", file=str(p))
-        if not isinstance(data, list):
-            raise DataError("expected a list of objects", file=str(p))
-        for i, row in enumerate(data, 1):
-            if not isinstance(row, dict):
-                raise DataError(f"item {i} is not an object", file=str(p), line=i)
-            yield i, row
-    elif kind in (".csv", ".tsv"):
-        with _open_text(p) as f:
-            reader = csv.DictReader(f, delimiter="\t" if kind == ".tsv" else ",")
-            for row in reader:
-                yield reader.line_num, dict(row)
-    elif kind == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:  # pragma: no cover - optional dependency
-            raise DataError("reading parquet needs pyarrow: pip install 'bayesrm[parquet]'", file=str(p)) from None
-        table = pq.read_table(p)
-        for i, row in enumerate(table.to_pylist(), 1):
-            yield i, row
-    else:
-        raise DataError(f"unknown file type '{kind or p.name}' (use .jsonl, .json, .csv, .tsv, .parquet)",
-                        file=str(p))
+        return _iter_jsonl(p)
+    if kind == ".json":
+        return _iter_json(p)
+    if kind in (".csv", ".tsv"):
+        return _iter_csv(p, "\t" if kind == ".tsv" else ",")
+    if kind == ".parquet":
+        return _iter_parquet(p)
+    raise DataError(f"unknown file type '{kind or p.name}' (use .jsonl, .json, .csv, .tsv, .parquet, optionally .gz)",
+                    file=str(p))
 
 
-def _iter_hf(spec: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line, row dict) from jsonl / json / csv / tsv / parquet (optionally .gz); raise `DataError` on bad rows.
+
+    `line` is the 1-based line where the record starts (text formats) or the 1-based row number (parquet).
+    """
+    for i, row in _iter_any(path):
+        if isinstance(row, DataError):
+            raise row
+        yield i, row
+
+
+def _iter_hf(spec: str) -> Iterator[RowOrError]:
     """Rows of a Hugging Face dataset: 'hf:NAME[:SPLIT]' (needs the `datasets` package)."""
     try:
         import datasets
@@ -152,6 +231,15 @@ def _iter_hf(spec: str) -> Iterator[tuple[int, dict[str, Any]]]:
 # --------------------------------------------------------------------------- converters
 
 HH_ASSISTANT = "\n\nAssistant:"
+SCHEMA_FIELDS = ("prompt", "chosen", "rejected", "id", "source")
+
+
+class _RowError(Exception):
+    """A bad value in one row: the (schema or column) field and what is wrong with it."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field, self.message = field, message
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -161,72 +249,114 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     (Bai et al. 2022); in a few pairs the two prefixes differ and the chosen one is kept.
     """
     ic, ir = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
-    if ic < 0 or ir < 0:
-        raise ValueError("no '\\n\\nAssistant:' turn")
+    for name, i in (("chosen", ic), ("rejected", ir)):
+        if i < 0:
+            raise _RowError(name, "no '\\n\\nAssistant:' turn (not an hh-rlhf transcript)")
     cut = len(HH_ASSISTANT)
-    prompt = chosen[: ic + cut]
-    return prompt.strip(), chosen[ic + cut:].strip(), rejected[ir + cut:].strip()
+    return chosen[: ic + cut].strip(), chosen[ic + cut:].strip(), rejected[ir + cut:].strip()
 
 
 def _text(row: Mapping[str, Any], key: str) -> str:
-    if key not in row or row[key] is None:
-        raise KeyError(key)
-    v = row[key]
+    v = row.get(key)
+    if v is None:
+        keys = ", ".join(sorted(map(str, row))[:10])
+        raise _RowError(key, f"missing (row has: {keys})")
     if not isinstance(v, str):
-        raise TypeError(key, type(v).__name__)
+        raise _RowError(key, f"expected text, got {type(v).__name__}")
     return v
+
+
+def _hh_pair(row: Mapping[str, Any], fields: Mapping[str, str]) -> Pair:
+    c_raw, r_raw = _text(row, fields.get("chosen", "chosen")), _text(row, fields.get("rejected", "rejected"))
+    prompt, chosen, rejected = split_hh(c_raw, r_raw)
+    same = c_raw[: c_raw.rfind(HH_ASSISTANT)] == r_raw[: r_raw.rfind(HH_ASSISTANT)]
+    return Pair(prompt, chosen, rejected, source="hh-rlhf", meta={} if same else {"prefix_mismatch": True})
+
+
+def _preference(row: Mapping[str, Any]) -> float:
+    pref = row.get("preference")
+    if pref is None or pref == "":
+        raise _RowError("preference", "missing judge preference")
+    if isinstance(pref, bool):
+        raise _RowError("preference", f"expected a number in [1, 2], got {pref!r}")
+    try:
+        v = float(pref)
+    except (TypeError, ValueError):
+        raise _RowError("preference", f"not a number: {pref!r}") from None
+    if not 1.0 <= v <= 2.0:
+        raise _RowError("preference", f"{v} outside [1, 2]")
+    return v
+
+
+def _alpaca_pair(row: Mapping[str, Any], report: LoadReport) -> Pair | None:
+    """AlpacaEval annotation → pair: preference > 1.5 means output_2 won, < 1.5 output_1; 1.5 is a tie (None)."""
+    v = _preference(row)
+    o1, o2, prompt = _text(row, "output_1"), _text(row, "output_2"), _text(row, "instruction")
+    if v == 1.5:
+        report.ties += 1
+        return None
+    chosen, rejected = (o2, o1) if v > 1.5 else (o1, o2)
+    meta = {"preference": v, "generator_1": row.get("generator_1"), "generator_2": row.get("generator_2"),
+            "annotator": row.get("annotator")}
+    src = row.get("dataset")
+    return Pair(prompt, chosen, rejected, source=None if src is None else str(src), meta=meta)
+
+
+def _generic_pair(row: Mapping[str, Any], fields: Mapping[str, str]) -> Pair:
+    prompt = _text(row, fields.get("prompt", "prompt"))
+    chosen = _text(row, fields.get("chosen", "chosen"))
+    rejected = _text(row, fields.get("rejected", "rejected"))
+    rid, src, meta = row.get(fields.get("id", "id")), row.get(fields.get("source", "source")), row.get("meta")
+    return Pair(prompt, chosen, rejected, id=None if rid is None else str(rid),
+                source=None if src is None else str(src), meta=meta if isinstance(meta, dict) else {})
 
 
 def _row_to_pair(row: Mapping[str, Any], fmt: DataFormat, fields: Mapping[str, str],
                  report: LoadReport) -> Pair | None:
-    """Convert one raw row; raises KeyError/TypeError/ValueError(field, msg) on bad rows, None for ties."""
+    """Convert one raw row; raises `_RowError` on bad rows, returns None for AlpacaEval ties."""
     if fmt is DataFormat.HH:
-        prompt, chosen, rejected = split_hh(_text(row, "chosen"), _text(row, "rejected"))
-        return Pair(prompt, chosen, rejected, source="hh-rlhf")
+        return _hh_pair(row, fields)
     if fmt is DataFormat.ALPACA_EVAL:
-        pref = row.get("preference")
-        if pref is None or pref == "":
-            raise ValueError("preference", "missing judge preference")
-        try:
-            v = float(pref)
-        except (TypeError, ValueError):
-            raise ValueError("preference", f"not a number: {pref!r}") from None
-        if not 1.0 <= v <= 2.0:
-            raise ValueError("preference", f"{v} outside [1, 2]")
-        if v == 1.5:
-            report.ties += 1
-            return None
-        o1, o2 = _text(row, "output_1"), _text(row, "output_2")
-        chosen, rejected = (o2, o1) if v > 1.5 else (o1, o2)
-        meta = {"preference": v, "generator_1": row.get("generator_1"), "generator_2": row.get("generator_2"),
-                "annotator": row.get("annotator")}
-        return Pair(_text(row, "instruction"), chosen, rejected, source=row.get("dataset"), meta=meta)
-    prompt = _text(row, fields.get("prompt", "prompt"))
-    chosen = _text(row, fields.get("chosen", "chosen"))
-    rejected = _text(row, fields.get("rejected", "rejected"))
-    rid = row.get(fields.get("id", "id"))
-    src = row.get(fields.get("source", "source"))
-    raw_meta = row.get("meta")
-    return Pair(prompt, chosen, rejected, id=None if rid is None else str(rid),
-                source=None if src is None else str(src), meta=raw_meta if isinstance(raw_meta, dict) else {})
+        return _alpaca_pair(row, report)
+    return _generic_pair(row, fields)
 
 
 def _detect(row: Mapping[str, Any], fields: Mapping[str, str]) -> DataFormat:
+    """Guess the layout from one row: AlpacaEval keys, hh transcripts (no prompt column), else generic pairs."""
     keys = set(row)
     if {"instruction", "output_1", "output_2", "preference"} <= keys:
         return DataFormat.ALPACA_EVAL
-    if {"chosen", "rejected"} <= keys and fields.get("prompt", "prompt") not in keys:
+    chosen = row.get(fields.get("chosen", "chosen"))
+    if fields.get("prompt", "prompt") not in keys and isinstance(chosen, str) and HH_ASSISTANT in chosen:
         return DataFormat.HH
     return DataFormat.PAIRS
 
 
 def validate_pair(pair: Pair) -> None:
-    """Raise ValueError(field, message) if a pair cannot be trained on."""
+    """Raise `_RowError` if a pair cannot be trained on (non-text, empty or identical responses)."""
     for name in ("prompt", "chosen", "rejected"):
-        if name != "prompt" and not getattr(pair, name).strip():
-            raise ValueError(name, "empty response")
-    if pair.chosen == pair.rejected:
-        raise ValueError("rejected", "identical to chosen")
+        if not isinstance(getattr(pair, name), str):
+            raise _RowError(name, f"expected text, got {type(getattr(pair, name)).__name__}")
+    for name in ("chosen", "rejected"):
+        if not getattr(pair, name).strip():
+            raise _RowError(name, "empty response")
+    if pair.chosen.strip() == pair.rejected.strip():
+        raise _RowError("rejected", "identical to chosen")
+
+
+def _check_fields(fields: Mapping[str, str]) -> dict[str, str]:
+    unknown = set(fields) - set(SCHEMA_FIELDS)
+    if unknown:
+        raise ValueError(f"field mapping names must be among {', '.join(SCHEMA_FIELDS)}; got {sorted(unknown)}")
+    return dict(fields)
+
+
+def _skip_or_raise(err: DataError, skip_invalid: bool, report: LoadReport) -> None:
+    if not skip_invalid:
+        raise err from None  # the message says it all: no chained traceback
+    report.skipped += 1
+    if len(report.errors) < 5:
+        report.errors.append(str(err))
 
 
 def load_pairs(
@@ -243,43 +373,33 @@ def load_pairs(
 
     `fields` maps schema names (prompt, chosen, rejected, id, source) to column names. Invalid rows raise
     `DataError` naming file, line and field, or are counted in `report.skipped` with `skip_invalid`.
-    `annotator` filters AlpacaEval annotations to one judge (None keeps all).
+    `annotator` filters AlpacaEval annotations to one judge (None keeps all); ties are counted in `report.ties`.
     """
     fmt = DataFormat(format)
-    fields = dict(fields or {})
+    fields = _check_fields(fields or {})
     report = report if report is not None else LoadReport()
     name = str(path)
-    rows: Iterable[tuple[int, dict[str, Any]]] = _iter_hf(name) if name.startswith("hf:") else iter_rows(path)
+    rows: Iterable[RowOrError] = _iter_hf(name) if name.startswith("hf:") else _iter_any(path)
     out: list[Pair] = []
     for line, row in rows:
+        if isinstance(row, DataError):
+            _skip_or_raise(row, skip_invalid, report)
+            continue
         if fmt is DataFormat.AUTO:
             fmt = _detect(row, fields)
         if fmt is DataFormat.ALPACA_EVAL and annotator is not None and row.get("annotator") not in (None, annotator):
+            report.filtered += 1
             continue
         try:
             pair = _row_to_pair(row, fmt, fields, report)
             if pair is None:
                 continue
             validate_pair(pair)
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, KeyError):
-                msg, fld = "missing", str(e.args[0])
-            elif isinstance(e, TypeError) and len(e.args) == 2:
-                fld, msg = str(e.args[0]), f"expected text, got {e.args[1]}"
-            elif len(e.args) == 2:
-                fld, msg = str(e.args[0]), str(e.args[1])
-            else:
-                fld, msg = "", str(e)
-            err = DataError(msg, file=name, line=line, field=fld or None)
-            if not skip_invalid:
-                raise err from None
-            report.skipped += 1
-            if len(report.errors) < 5:
-                report.errors.append(str(err))
+        except _RowError as e:
+            _skip_or_raise(DataError(e.message, file=name, line=line, field=e.field), skip_invalid, report)
             continue
         if pair.id is None:
-            pair = Pair(pair.prompt, pair.chosen, pair.rejected, id=f"{Path(name).name}:{line}",
-                        source=pair.source, meta=pair.meta)
+            pair = dataclasses.replace(pair, id=f"{Path(name).name}:{line}")
         out.append(pair)
         if limit is not None and len(out) >= limit:
             break

@@ -23,7 +23,7 @@ from bayesrm.io import atomic_path, atomic_write_json, atomic_write_text
 from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import CONFIG_NAME, RewardModel, RMConfig
-from bayesrm.objectives import parse_spec
+from bayesrm.objectives import parse_spec, reference_stats, standardize, standardize_var
 from bayesrm.pool import Pool, alpaca_eval_pool, load_pool
 from bayesrm.progress import progress_bar
 from bayesrm.train import MODEL_DIR, TrainConfig, reward_deltas, train
@@ -179,6 +179,10 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
         variances.append(sc["var"])
     M = torch.as_tensor(np.stack(means))  # (members, N)
     V = torch.as_tensor(np.stack(variances))  # (members, N)
+    # BT rewards are defined up to a shift (and each member has its own scale): ensemble specs see members
+    # standardised on the evaluation pool, the reference policy's samples, with σ scaled alike (note §8)
+    ref_mean, ref_std = reference_stats(M)
+    M_std, V_std = standardize(M, ref_mean, ref_std), standardize_var(V, ref_std)
     gold = eval_pool.gold
     assert gold is not None
     ns = default_ns(min(eval_pool.sizes()))
@@ -189,7 +193,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     curves: list[BonCurve] = []
     for name in methods:
         spec = parse_spec(name)
-        sel = spec.apply(M if spec.needs_ensemble else M[:1], V if spec.needs_ensemble else V[:1])
+        sel = spec.apply(M_std, V_std) if spec.needs_ensemble else spec.apply(M[:1], V[:1])
         per_prompt = eval_pool.unflatten(sel.tolist())
         curves.append(bon_curve(name, per_prompt, per_prompt, gold, ns, n_boot=cfg.n_boot, seed=cfg.seed))
     sweep: dict[str, dict[float, float]] = {"std": {}, "var": {}}

@@ -33,6 +33,7 @@ from bayesrm.model import RewardModel
 from bayesrm.templates import collate, length_sorted_batches
 
 POSTERIOR_DIR = "laplace"
+HEAD_KEY = "head"  # block name of the head-only posterior over [head.weight, head.bias]
 
 
 class KFACVariant(str, Enum):
@@ -47,6 +48,13 @@ class PriorStructure(str, Enum):
 
     GLOBAL = "global"
     LAYERWISE = "layerwise"
+
+
+class Subset(str, Enum):
+    """Which parameters the posterior covers."""
+
+    LORA = "lora"  # every LoRA A/B tensor, KFAC blocks (Laplace-LoRA)
+    HEAD = "head"  # the scalar head's [weight, bias] only, exact GGN, full covariance (last-layer Laplace)
 
 
 class TauMethod(str, Enum):
@@ -169,6 +177,11 @@ def capture_lora_io(modules: dict[str, nn.Linear]) -> Iterator[_Capture]:
             h.remove()
 
 
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """Upcast to at least fp32 (bf16 models), keeping fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _batch_jacobians(model: RewardModel, modules: dict[str, nn.Linear], x: torch.Tensor, m: torch.Tensor,
                      weights: Callable[[torch.Tensor], torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -178,16 +191,40 @@ def _batch_jacobians(model: RewardModel, modules: dict[str, nn.Linear], x: torch
     so row b's δ is c_b ∂r_b/∂o. Pads are masked to zero in both a and δ.
     """
     with torch.enable_grad(), capture_lora_io(modules) as cap:
-        r = model(x, m).float()  # (B,)
+        r = _up(model(x, m))  # (B,)
         c = torch.ones_like(r) if weights is None else weights(r.detach())
         names = list(modules)
         grads = torch.autograd.grad((c * r).sum(), [cap.outputs[n] for n in names], allow_unused=True)
-    mask = m.unsqueeze(-1).float()  # (B, T, 1)
-    a = {n: cap.inputs[n].float() * mask for n in names}
+    mask = m.unsqueeze(-1)  # (B, T, 1)
+    a = {n: _up(cap.inputs[n]) * mask for n in names}
     g = {}
     for n, gr in zip(names, grads, strict=True):
-        g[n] = torch.zeros_like(cap.outputs[n], dtype=torch.float32) if gr is None else gr.float() * mask
+        g[n] = torch.zeros_like(_up(cap.outputs[n].detach())) if gr is None else _up(gr) * mask
     return r.detach(), a, g
+
+
+def head_features(model: RewardModel, x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (B,) and the head's exact Jacobian φ = [features, 1] (B, d+1), since r = wᵀf + b (§7)."""
+    with torch.no_grad():
+        f = _up(model.features(x, m))  # (B, d)
+        r = _up(model.head(f.to(model.head.weight.dtype))).squeeze(-1)  # (B,)
+    return r, torch.cat([f, torch.ones_like(f[:, :1])], dim=-1)
+
+
+def head_theta(model: RewardModel) -> torch.Tensor:
+    """The head's parameters as one (1, d+1) row [w, b], the head-only posterior's variable."""
+    return torch.cat([model.head.weight, model.head.bias.unsqueeze(-1)], dim=-1).detach()
+
+
+def _pair_batches(model: RewardModel, pairs: Sequence[Pair], batch_size: int
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(B, input_ids, mask) per chunk of B pairs: rows 0..B−1 chosen, B..2B−1 rejected, on the model's device."""
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        prompts = [p.prompt for p in chunk]
+        ids = model.encode(prompts, [p.chosen for p in chunk]) + model.encode(prompts, [p.rejected for p in chunk])
+        x, m = collate(ids, model.pad_id)  # (2B, T)
+        yield len(chunk), x.to(model.device), m.to(model.device)
 
 
 # --------------------------------------------------------------------------- posterior
@@ -219,6 +256,7 @@ class KronBlock:
 class LaplaceConfig:
     """Settings of the post-hoc Laplace fit."""
 
+    subset: str = Subset.LORA.value  # lora (KFAC over LoRA tensors) | head (exact GGN over the head, baseline)
     kfac: str = KFACVariant.REDUCE.value  # reduce | expand
     rank: int | None = None  # keep this many eigenpairs of factors larger than `lowrank_threshold`
     lowrank_threshold: int = 2048  # factor side from which `rank` applies (hidden ≥ 2048)
@@ -253,7 +291,7 @@ class LaplacePosterior:
         T = self.cfg.temperature
         sc = self.scatter()
         logdet = torch.stack([kron_logdet_ratio(*self._grids[k], taus[k], T) for k in self.blocks])
-        val = laplace_log_marglik(self.log_lik, logdet, torch.tensor([sc[k] for k in self.blocks]),
+        val = laplace_log_marglik(self.log_lik, logdet, torch.tensor([sc[k] for k in self.blocks], dtype=torch.double),
                                   torch.tensor([taus[k] for k in self.blocks], dtype=torch.double))
         return float(val)
 
@@ -319,13 +357,22 @@ class LaplacePosterior:
         return float(-torch.log(p.clamp_min(1e-12)).mean())
 
     # ------------------------------------------------------------------ prediction
-    def _variance_from(self, a: dict[str, torch.Tensor], g: dict[str, torch.Tensor], rows: torch.Tensor | None
+    def jacobians(self, model: RewardModel, x: torch.Tensor, m: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rewards (B,) and per-row Jacobians J_m = Σ_t δ_t a_tᵀ (B, o, i) of r w.r.t. each block (§7)."""
+        if Subset(self.cfg.subset) is Subset.HEAD:
+            r, phi = head_features(model, x, m)
+            return r, {HEAD_KEY: phi.unsqueeze(1)}  # (B, 1, d+1)
+        r, a, g = _batch_jacobians(model, lora_modules(model), x, m)
+        return r, {k: torch.einsum("bto,bti->boi", g[k], a[k]) for k in self.blocks}
+
+    def _variance_from(self, Js: dict[str, torch.Tensor], rows: torch.Tensor | None
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-row variance and per-tensor grids S from hook tensors; `rows` (2, P) gives pair differences."""
+        """Per-row variance and per-tensor grids S from Jacobians; `rows` (2, P) gives pair differences."""
         total: torch.Tensor | None = None
         S_all = {}
         for k, blk in self.blocks.items():
-            J = torch.einsum("bto,bti->boi", g[k], a[k])  # (B, o, i) per-row Jacobian of r w.r.t. θ_k
+            J = Js[k]  # (B, o, i)
             if rows is not None:
                 J = J[rows[0]] - J[rows[1]]  # J_Δ = J_w − J_l
             S = project_jacobian(J, blk.g_vecs.to(J.device), blk.a_vecs.to(J.device))
@@ -338,14 +385,13 @@ class LaplacePosterior:
     def predict(self, model: RewardModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Linearised predictive N(r_MAP, σ²) per response: returns (mean (N,), var (N,)) in input order."""
-        modules = lora_modules(model)
         model.eval()
         ids = model.encode(prompts, responses)
         mean, var = torch.empty(len(ids), dtype=torch.double), torch.empty(len(ids), dtype=torch.double)
         for idx in length_sorted_batches([len(s) for s in ids], batch_size):
             x, m = collate([ids[i] for i in idx], model.pad_id)
-            r, a, g = _batch_jacobians(model, modules, x.to(model.device), m.to(model.device))
-            v, _ = self._variance_from(a, g, None)
+            r, J = self.jacobians(model, x.to(model.device), m.to(model.device))
+            v, _ = self._variance_from(J, None)
             mean[idx], var[idx] = r.double().cpu(), v.double().cpu()
             if progress is not None:
                 progress(len(idx))
@@ -354,18 +400,13 @@ class LaplacePosterior:
     def pair_cache(self, model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """μ_Δ per pair and the τ-independent grids S of J_Δ per tensor (so any τ is evaluated without backprop)."""
-        modules = lora_modules(model)
         model.eval()
-        mus, Ss = [], {k: [] for k in self.blocks}  # type: ignore[var-annotated]
-        for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s:s + batch_size]
-            prompts = [p.prompt for p in chunk]
-            ids = model.encode(prompts, [p.chosen for p in chunk]) + model.encode(prompts, [p.rejected for p in chunk])
-            x, m = collate(ids, model.pad_id)
-            B = len(chunk)
-            r, a, g = _batch_jacobians(model, modules, x.to(model.device), m.to(model.device))
+        mus: list[torch.Tensor] = []
+        Ss: dict[str, list[torch.Tensor]] = {k: [] for k in self.blocks}
+        for B, x, m in _pair_batches(model, pairs, batch_size):
+            r, J = self.jacobians(model, x, m)
             rows = torch.stack([torch.arange(B), torch.arange(B, 2 * B)])
-            _, S = self._variance_from(a, g, rows)
+            _, S = self._variance_from(J, rows)
             mus.append((r[:B] - r[B:]).double().cpu())
             for k in self.blocks:
                 Ss[k].append(S[k].cpu())
@@ -417,11 +458,11 @@ class LaplacePosterior:
 
     def check_matches(self, model: RewardModel, atol: float = 1e-6) -> None:
         """Raise if the model's LoRA weights are not the MAP this posterior was fitted at."""
-        params = dict(model.named_parameters())
+        params = {k: p.detach() for k, p in model.named_parameters()} | {HEAD_KEY: head_theta(model)}
         for k, b in self.blocks.items():
             if k not in params:
                 raise ValueError(f"posterior tensor {k} not found in the model")
-            if not torch.allclose(params[k].detach().double().cpu(), b.theta.double(), atol=atol):
+            if not torch.allclose(params[k].double().cpu(), b.theta.double(), atol=atol):
                 raise ValueError(f"model weights differ from the posterior's MAP at {k}; refit the posterior")
 
 
@@ -443,13 +484,7 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
     G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double) for k, m in modules.items()}
     A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double) for k, m in modules.items()}
     count, log_lik = 0, 0.0
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        B = len(chunk)
-        prompts = [p.prompt for p in chunk]
-        ids = model.encode(prompts, [p.chosen for p in chunk]) + model.encode(prompts, [p.rejected for p in chunk])
-        x, m = collate(ids, model.pad_id)
-        x, m = x.to(model.device), m.to(model.device)
+    for B, x, m in _pair_batches(model, pairs, batch_size):
 
         def weights(r: torch.Tensor, B: int = B) -> torch.Tensor:
             delta = r[:B] - r[B:]
@@ -458,11 +493,11 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
 
         r, a, g = _batch_jacobians(model, modules, x, m, weights)
         log_lik += float(F.logsigmoid(r[:B] - r[B:]).double().sum())
-        mask = m.float()  # (2B, T)
+        mask = m.double()  # (2B, T)
         for k in modules:
             if var is KFACVariant.REDUCE:
                 gh = g[k].sum(1).double()  # (2B, o)
-                ab = (a[k].sum(1) / mask.sum(1, keepdim=True)).double()  # (2B, i)
+                ab = a[k].sum(1).double() / mask.sum(1, keepdim=True)  # (2B, i)
                 G[k] += (gh.T @ gh).cpu()
                 A[k] += (ab.T @ ab).cpu()
             else:
@@ -478,6 +513,26 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
     return G, A, log_lik
 
 
+def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
+             progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, float]:
+    """Exact BT GGN of the head, Σ_n Λ_n (φ_w − φ_l)(φ_w − φ_l)ᵀ with φ = [f, 1] (§2), and log p(D|θ*)."""
+    model.eval()
+    ggn: torch.Tensor | None = None
+    log_lik = 0.0
+    for B, x, m in _pair_batches(model, pairs, batch_size):
+        r, phi = head_features(model, x, m)  # (2B,), (2B, d+1)
+        delta = r[:B] - r[B:]
+        lam = (torch.sigmoid(delta) * torch.sigmoid(-delta)).double()  # Λ = p(1−p)
+        dphi = (phi[:B] - phi[B:]).double()  # (B, d+1); the bias cancels
+        part = (dphi.T * lam) @ dphi  # (d+1, d+1)
+        ggn = part.cpu() if ggn is None else ggn + part.cpu()
+        log_lik += float(F.logsigmoid(delta).double().sum())
+        if progress is not None:
+            progress(B)
+    assert ggn is not None
+    return ggn, log_lik
+
+
 def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | None = None,
                 val_pairs: Sequence[Pair] = (), progress: Callable[[int], None] | None = None,
                 init_lora: dict[str, torch.Tensor] | None = None) -> LaplacePosterior:
@@ -489,6 +544,14 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
     cfg = cfg or LaplaceConfig()
     if not pairs:
         raise ValueError("fit_laplace needs at least one training pair")
+    if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN; prior mean 0
+        ggn, log_lik = head_ggn(model, pairs, cfg.batch_size, progress)
+        av, aU, _ = factor_eig(ggn)
+        theta = head_theta(model).double().cpu()  # (1, d+1)
+        one = torch.ones(1, dtype=torch.double)
+        blocks = {HEAD_KEY: KronBlock(one, torch.ones(1, 1, dtype=torch.double), 0.0, av, aU, 0.0, theta,
+                                      torch.zeros_like(theta))}
+        return _tune(LaplacePosterior(blocks, cfg, len(pairs), log_lik), model, val_pairs)
     G, A, log_lik = kfac_factors(model, pairs, cfg.kfac, cfg.batch_size, progress)
     params = dict(model.named_parameters())
     init = init_lora if init_lora is not None else getattr(model, "lora_init", None) or {}
@@ -504,8 +567,11 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
         else:
             mu0 = torch.zeros_like(theta)
         blocks[k] = KronBlock(gv, gU, grho, av, aU, arho, theta, mu0)
-    post = LaplacePosterior(blocks, cfg, len(pairs), log_lik)
-    val = post.pair_cache(model, val_pairs, cfg.batch_size) if TauMethod(cfg.tau_method) is TauMethod.VAL_NLL \
-        and val_pairs else None
-    post.optimize_prior_precision(val_data=val)
+    return _tune(LaplacePosterior(blocks, cfg, len(pairs), log_lik), model, val_pairs)
+
+
+def _tune(post: LaplacePosterior, model: RewardModel, val_pairs: Sequence[Pair]) -> LaplacePosterior:
+    """Choose τ with the configured method (validation pairs only for val_nll)."""
+    use_val = TauMethod(post.cfg.tau_method) is TauMethod.VAL_NLL and bool(val_pairs)
+    post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val else None)
     return post

@@ -45,6 +45,23 @@ def special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def _strip_wrap(pre: list[int], res: list[int], head: list[int], tail: list[int]) -> tuple[list[int], list[int]]:
+    """Drop special tokens a chat template already wrote into the text, so they are added exactly once."""
+    if head and pre[: len(head)] == head:
+        pre = pre[len(head):]
+    if tail and len(res) >= len(tail) and res[len(res) - len(tail):] == tail:
+        res = res[: len(res) - len(tail)]
+    return pre, res
+
+
+def truncate(pre: list[int], res: list[int], budget: int) -> list[int]:
+    """Keep at most `budget` ids of prefix + response: cut the prefix from the left, then the response's start."""
+    if len(res) >= budget:
+        return res[len(res) - budget:]
+    keep = budget - len(res)
+    return pre[max(len(pre) - keep, 0):] + res
+
+
 def encode(
     tokenizer: Any,
     prompts: Sequence[str],
@@ -53,15 +70,17 @@ def encode(
     template: Template | str = Template.OASST,
     max_length: int = 500,
 ) -> list[list[int]]:
-    """Token ids of each (prompt, response), at most `max_length` long.
+    """Token ids of each (prompt, response), at most `max_length` long, with the tokenizer's special tokens.
 
     Truncation drops the start of the prompt first, then the start of the response, so the end of the
     response (where a decoder reads the reward) is always kept.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        return []
     t = Template(template)
-    head, tail = ([], []) if t is Template.CHAT else special_wrap(tokenizer)
+    head, tail = special_wrap(tokenizer)
     budget = max_length - len(head) - len(tail)
     if budget < 1:
         raise ValueError(f"max_length={max_length} leaves no room for text")
@@ -70,11 +89,9 @@ def encode(
     res_ids = tokenizer([b for _, b in parts], add_special_tokens=False)["input_ids"]
     out = []
     for pre, res in zip(pre_ids, res_ids, strict=True):
-        if len(res) >= budget:
-            pre, res = [], res[len(res) - budget:]
-        elif len(pre) + len(res) > budget:
-            pre = pre[len(pre) - (budget - len(res)):]
-        out.append(head + list(pre) + list(res) + tail)
+        if t is Template.CHAT:
+            pre, res = _strip_wrap(list(pre), list(res), head, tail)
+        out.append(head + truncate(list(pre), list(res), budget) + tail)
     return out
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from bayesrm.templates import collate
 
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
+METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
@@ -88,14 +91,28 @@ def evaluate(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 32) ->
     return pair_metrics(reward_deltas(model, pairs, batch_size))
 
 
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(blob: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(blob["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in blob:
+        torch.cuda.set_rng_state(blob["cuda_rng"], device)
+
+
 def _save_checkpoint(out: Path, model: RewardModel, opt: torch.optim.Optimizer, sched: Any,
                      state: dict[str, Any]) -> None:
+    """Trainable weights, optimizer, scheduler, RNG and loop position, replaced in one rename."""
     from safetensors.torch import save_file
 
     with atomic_dir(out / CHECKPOINT_DIR) as tmp:
         save_file({k: v.contiguous() for k, v in model.trainable_state().items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **_rng_state(model.device)},
+                   tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -105,15 +122,126 @@ def _load_checkpoint(out: Path, model: RewardModel, opt: torch.optim.Optimizer, 
     ck = out / CHECKPOINT_DIR
     weights = load_file(str(ck / "trainable.safetensors"))
     params = dict(model.named_parameters())
+    missing = set(model.trainable_state()) - set(weights)
+    if missing or set(weights) - set(params):
+        raise ValueError(f"{ck}: checkpoint does not match the model (missing {sorted(missing)[:3]})")
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v)
-    blob = torch.load(ck / "optim.pt", weights_only=False)
+    blob = torch.load(ck / "optim.pt", weights_only=True)
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
+    _set_rng_state(blob, model.device)
     state: dict[str, Any] = json.loads((ck / "state.json").read_text())
     return state
+
+
+def _fingerprint(cfg: TrainConfig, model: RewardModel, pairs: Sequence[Pair]) -> str:
+    """Hash of everything that decides the trajectory: a resumed run must match it exactly."""
+    h = hashlib.sha256()
+    run = {k: v for k, v in asdict(cfg).items() if k not in ("eval_batch_size", "checkpoint_every")}
+    h.update(json.dumps([run, asdict(model.config)], sort_keys=True, default=str).encode())
+    for p in pairs:
+        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()[:16]
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
+    if not 0.0 <= cfg.warmup_ratio <= 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+
+
+def pair_loss(rw: torch.Tensor, rl: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Per-pair training loss: BT NLL with margin, plus the optional centering term (Eisenstein et al. 2023)."""
+    loss = bradley_terry_loss(rw, rl, cfg.margin)  # (B,)
+    if cfg.center_coef:
+        loss = loss + cfg.center_coef * centering_penalty(rw, rl)
+    return loss
+
+
+@dataclass
+class _Run:
+    """What the loop needs besides the model: prepared objects, encoded data and the resumable state."""
+
+    ddp_model: torch.nn.Module
+    opt: Any
+    sched: Any
+    params: list[torch.nn.Parameter]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    lengths: list[int]
+    total: int
+    state: dict[str, Any]
+
+
+def _micro_step(model: RewardModel, run: _Run, idx: list[int], scale: int, cfg: TrainConfig, acc: Any) -> float:
+    """Forward + backward of one micro-batch; the loss is divided by the micro-batches in its accumulation group."""
+    device = acc.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+        rw, rl = pair_forward(run.ddp_model, [run.chosen[i] for i in idx], [run.rejected[i] for i in idx],
+                              model.pad_id, device)
+        loss = pair_loss(rw, rl, cfg).mean()
+    acc.backward(loss / scale)
+    return float(loss.detach())
+
+
+def _opt_step(run: _Run, cfg: TrainConfig, acc: Any) -> None:
+    if cfg.max_grad_norm > 0:
+        acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+
+
+def _run_epoch(model: RewardModel, run: _Run, cfg: TrainConfig, acc: Any, out: Path,
+               on_step: Callable[[int, float], None] | None, advance: Callable[[float], None]) -> bool:
+    """Continue the current epoch from `state["batch"]`; True when all its batches are done."""
+    state = run.state
+    batches = epoch_batches(run.lengths, cfg.batch_size, cfg.data_seed, state["epoch"], cfg.group_by_length)
+    if acc.num_processes > 1:  # equal shares, so every process steps at the same micro-batches
+        batches = batches[: len(batches) // acc.num_processes * acc.num_processes]
+        batches = batches[acc.process_index::acc.num_processes]
+    window: list[float] = []
+    while state["batch"] < len(batches) and state["step"] < run.total:
+        group_start = state["batch"] - state["batch"] % cfg.grad_accum
+        group = min(cfg.grad_accum, len(batches) - group_start)  # the last group of an epoch may be short
+        loss = _micro_step(model, run, batches[state["batch"]], group, cfg, acc)
+        state["batch"] += 1
+        state["loss_sum"] += loss
+        state["loss_n"] += 1
+        window = [*window[-49:], loss]
+        if state["batch"] - group_start < group:
+            continue
+        _opt_step(run, cfg, acc)
+        state["step"] += 1
+        avg = sum(window) / len(window)
+        advance(avg)
+        if on_step is not None:  # called before this step's checkpoint: raising here resumes from the previous one
+            on_step(state["step"], avg)
+        if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and acc.is_main_process:
+            _save_checkpoint(out, model, run.opt, run.sched, state)
+    return state["batch"] >= len(batches)
+
+
+def _end_epoch(model: RewardModel, run: _Run, cfg: TrainConfig, acc: Any, out: Path, done: bool,
+               eval_pairs: Sequence[Pair]) -> None:
+    """Evaluate, append to metrics.jsonl, move to the next epoch and checkpoint (metrics live in the checkpoint)."""
+    state = run.state
+    row: dict[str, Any] = {"epoch": state["epoch"] + 1, "step": state["step"],
+                           "train_loss": state["loss_sum"] / max(state["loss_n"], 1)}
+    if eval_pairs and acc.is_main_process:
+        row |= {f"eval_{k}": v for k, v in evaluate(model, eval_pairs, cfg.eval_batch_size).items()}
+    state["history"].append(row)
+    if done:
+        state |= {"epoch": state["epoch"] + 1, "batch": 0, "loss_sum": 0.0, "loss_n": 0}
+    if acc.is_main_process:
+        write_jsonl(out / METRICS_NAME, state["history"])
+        _save_checkpoint(out, model, run.opt, run.sched, state)
 
 
 def train(
@@ -129,96 +257,82 @@ def train(
 ) -> list[dict[str, Any]]:
     """Train `model` in place with the BT loss; writes checkpoints, metrics.jsonl and the final model.
 
+    Dropout and other torch randomness are seeded from `cfg.data_seed` (the caller's RNG is left as it was).
     With `resume=True` a run continues from `out_dir/checkpoint` and ends with the same weights as an
-    uninterrupted run (same data order, optimizer and scheduler state). Returns the per-epoch metrics.
+    uninterrupted run (same data order, optimizer, scheduler and RNG state). Returns the per-epoch metrics.
     """
     from accelerate import Accelerator
-    from transformers import get_linear_schedule_with_warmup
 
     if not train_pairs:
         raise ValueError("no training pairs")
+    _check_config(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     acc = Accelerator()  # devices and processes; autocast is ours so settings can change within a process
     model.to(acc.device)
-    chosen, rejected = encode_pairs(model, train_pairs)
-    lengths = [max(len(a), len(b)) for a, b in zip(chosen, rejected, strict=True)]
-    n_batches = -(-len(train_pairs) // cfg.batch_size)
-    per_proc = -(-n_batches // acc.num_processes)
-    steps_per_epoch = max(1, per_proc // cfg.grad_accum)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0}
-    metrics_path = out / "metrics.jsonl"
-    history: list[dict[str, Any]] = []
-    if resume and (out / CHECKPOINT_DIR / "state.json").exists():
-        state = _load_checkpoint(out, model, opt, sched)
-        if metrics_path.exists():
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    atomic_write_json(out / "train_config.json", {"train": asdict(cfg), "model": asdict(model.config),
-                                                  "n_train": len(train_pairs), "n_eval": len(eval_pairs)})
-    ddp_model, opt = acc.prepare(model, opt)
-    device = acc.device
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[info]}"), disable=not show_progress or not acc.is_main_process)
-    with progress:
-        task = progress.add_task("train", total=total, completed=state["step"], info="")
-        while state["epoch"] < cfg.epochs and state["step"] < total:
-            model.train()
-            batches = epoch_batches(lengths, cfg.batch_size, cfg.data_seed, state["epoch"], cfg.group_by_length)
-            batches = batches[acc.process_index::acc.num_processes][: steps_per_epoch * cfg.grad_accum]
-            running: list[float] = []
-            while state["batch"] < len(batches) and state["step"] < total:
-                idx = batches[state["batch"]]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-                    rw, rl = pair_forward(ddp_model, [chosen[i] for i in idx], [rejected[i] for i in idx],
-                                          model.pad_id, device)
-                    loss_vec = bradley_terry_loss(rw, rl, cfg.margin)
-                    if cfg.center_coef:
-                        loss_vec = loss_vec + cfg.center_coef * centering_penalty(rw, rl)
-                    loss = loss_vec.mean() / cfg.grad_accum
-                acc.backward(loss)
-                running.append(float(loss) * cfg.grad_accum)
-                state["batch"] += 1
-                if state["batch"] % cfg.grad_accum == 0:
-                    if cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    state["step"] += 1
-                    avg = sum(running[-50:]) / len(running[-50:])
-                    progress.update(task, advance=1, info=f"loss {avg:.4f}")
-                    if on_step is not None:
-                        on_step(state["step"], avg)
-                    if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and acc.is_main_process:
-                        _save_checkpoint(out, model, opt, sched, state)
-            epoch_done = state["batch"] >= len(batches)
-            row: dict[str, Any] = {"epoch": state["epoch"] + 1, "step": state["step"],
-                                   "train_loss": sum(running) / max(len(running), 1)}
-            if eval_pairs and acc.is_main_process:
-                row |= {f"eval_{k}": v for k, v in evaluate(model, eval_pairs, cfg.eval_batch_size).items()}
-            history.append(row)
-            if acc.is_main_process:
-                write_jsonl(metrics_path, history)
-            if epoch_done:
-                state["epoch"] += 1
-                state["batch"] = 0
-            if acc.is_main_process:
-                _save_checkpoint(out, model, opt, sched, state)
-            if not epoch_done:
-                break
+    devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.data_seed)
+        run = _setup(model, train_pairs, cfg, acc, out, resume, len(eval_pairs))
+        _loop(model, run, cfg, acc, out, eval_pairs, on_step, show_progress)
     if acc.is_main_process:
         model.save(out / MODEL_DIR)
     acc.wait_for_everyone()
     model.eval()
+    history: list[dict[str, Any]] = run.state["history"]
     return history
+
+
+def _setup(model: RewardModel, pairs: Sequence[Pair], cfg: TrainConfig, acc: Any, out: Path, resume: bool,
+           n_eval: int) -> _Run:
+    """Encode data, build AdamW + linear warm-up/decay schedule, and restore a checkpoint when resuming."""
+    from transformers import get_linear_schedule_with_warmup
+
+    chosen, rejected = encode_pairs(model, pairs)
+    lengths = [max(len(a), len(b)) for a, b in zip(chosen, rejected, strict=True)]
+    n_batches = -(-len(pairs) // cfg.batch_size)
+    per_proc = max(1, n_batches // acc.num_processes) if acc.num_processes > 1 else n_batches
+    steps_per_epoch = -(-per_proc // cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    fingerprint = _fingerprint(cfg, model, pairs)
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "loss_n": 0, "history": [],
+                             "fingerprint": fingerprint}
+    ck = out / CHECKPOINT_DIR
+    if resume and (ck / "state.json").exists():
+        saved = json.loads((ck / "state.json").read_text())
+        if saved.get("fingerprint") != fingerprint:
+            raise ValueError(f"{ck}: written by a run with other data or settings; resume needs the same ones "
+                             "(or start again without resume)")
+        state = _load_checkpoint(out, model, opt, sched)
+    else:
+        if ck.exists() and acc.is_main_process:  # a stale checkpoint must not be resumed into this run later
+            shutil.rmtree(ck)
+        (out / METRICS_NAME).unlink(missing_ok=True)
+    atomic_write_json(out / "train_config.json", {"train": asdict(cfg), "model": asdict(model.config),
+                                                  "n_train": len(pairs), "n_eval": n_eval})
+    ddp_model, opt = acc.prepare(model, opt)
+    return _Run(ddp_model, opt, sched, params, chosen, rejected, lengths, total, state)
+
+
+def _loop(model: RewardModel, run: _Run, cfg: TrainConfig, acc: Any, out: Path, eval_pairs: Sequence[Pair],
+          on_step: Callable[[int, float], None] | None, show_progress: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    state = run.state
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), disable=not show_progress or not acc.is_main_process)
+    with progress:
+        task = progress.add_task("train", total=run.total, completed=state["step"], info="")
+
+        def advance(loss: float) -> None:
+            progress.update(task, advance=1, info=f"loss {loss:.4f}")
+
+        while state["epoch"] < cfg.epochs and state["step"] < run.total:
+            model.train()
+            done = _run_epoch(model, run, cfg, acc, out, on_step, advance)
+            _end_epoch(model, run, cfg, acc, out, done, eval_pairs)
+            if not done:
+                break

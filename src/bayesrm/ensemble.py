@@ -1,0 +1,367 @@
+"""Reward-model ensembles (Coste et al. 2024; Yang et al. 2024 §4 "LA-Ens"): M LoRA members on one backbone.
+
+Members differ in LoRA/head initialisation (`RMConfig.lora_seed`) and data order (`TrainConfig.data_seed`), set
+separately. `train_ensemble` trains them one after another into `out_dir/member_i/` (ordinary `train()` run
+directories) with a resumable `manifest.json`. `EnsembleRewardModel` loads ONE backbone with M peft adapters
+named `member_i` and M scalar heads, and scores all members on shared tokenisation and batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bayesrm.data import Pair
+from bayesrm.io import atomic_write_json
+from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
+from bayesrm.model import CONFIG_NAME, HEAD_NAME, INIT_NAME, RewardModel, RMConfig, load_backbone
+from bayesrm.templates import collate, encode, length_sorted_batches
+from bayesrm.train import MODEL_DIR, TrainConfig, train
+
+MANIFEST_NAME = "manifest.json"
+SHARED_FIELDS = ("backbone", "gguf_file", "dtype", "template", "max_length", "pooling")  # must match across members
+
+
+class MemberStatus(str, Enum):
+    """Training state of one member in the manifest."""
+
+    PENDING = "pending"  # not started
+    RUNNING = "running"  # started; may have a checkpoint to resume from
+    DONE = "done"  # final model written to member_i/model
+
+
+def member_name(i: int) -> str:
+    """Directory and adapter name of member i."""
+    return f"member_{i}"
+
+
+# --------------------------------------------------------------------------- training
+
+
+def pairs_fingerprint(pairs: Sequence[Pair]) -> str:
+    """SHA-256 of the (prompt, chosen, rejected) texts, so a resumed ensemble trains on the same data."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for s in (p.prompt, p.chosen, p.rejected):
+            h.update(s.encode("utf-8"))
+            h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _seeds(given: Sequence[int] | None, start: int, members: int, what: str) -> list[int]:
+    if given is None:
+        return [start + i for i in range(members)]
+    if len(given) != members:
+        raise ValueError(f"{what}: got {len(given)} seeds for {members} members")
+    return [int(s) for s in given]
+
+
+def _check_resumable(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    for key in ("model", "train", "data_sha256"):
+        if old.get(key) != new[key]:
+            raise ValueError(f"{out}: the existing ensemble was trained with a different '{key}'; "
+                             "use a new out_dir or resume=False")
+    if len(old["entries"]) > len(new["entries"]):
+        raise ValueError(f"{out}: holds {len(old['entries'])} members, more than the {len(new['entries'])} "
+                         "requested; pass members ≥ the existing count")
+    for a, b in zip(old["entries"], new["entries"], strict=False):
+        if (a["lora_seed"], a["data_seed"]) != (b["lora_seed"], b["data_seed"]):
+            raise ValueError(f"{out}: {a['name']} was trained with lora_seed={a['lora_seed']}, "
+                             f"data_seed={a['data_seed']}, not {b['lora_seed']}, {b['data_seed']}")
+
+
+def train_ensemble(
+    cfg: RMConfig,
+    train_cfg: TrainConfig,
+    pairs: Sequence[Pair],
+    out_dir: str | Path,
+    members: int = 5,
+    lora_seeds: Sequence[int] | None = None,
+    data_seeds: Sequence[int] | None = None,
+    eval_pairs: Sequence[Pair] = (),
+    resume: bool = True,
+    show_progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Train M members into `out_dir/member_i/` one after another; returns the member run directories.
+
+    Seeds default to `cfg.lora_seed + i` and `train_cfg.data_seed + i` (`train()` also seeds dropout from the data
+    seed, so a rerun reproduces the weights exactly). With `resume=True`, finished members
+    are skipped, an interrupted one continues from its checkpoint, and a larger `members` grows the ensemble;
+    a manifest from a different model/train config, data or seeds raises ValueError.
+    """
+    if members < 1:
+        raise ValueError(f"members must be ≥ 1, got {members}")
+    out = Path(out_dir)
+    ls = _seeds(lora_seeds, cfg.lora_seed, members, "lora_seeds")
+    ds = _seeds(data_seeds, train_cfg.data_seed, members, "data_seeds")
+    manifest: dict[str, Any] = {
+        "format_version": 1,
+        "members": members,
+        "model": asdict(cfg),
+        "train": asdict(train_cfg),
+        "n_train": len(pairs),
+        "data_sha256": pairs_fingerprint(pairs),
+        "entries": [{"name": member_name(i), "path": member_name(i), "lora_seed": ls[i], "data_seed": ds[i],
+                     "status": MemberStatus.PENDING.value} for i in range(members)],
+    }
+    path = out / MANIFEST_NAME
+    if resume and path.exists():
+        old = json.loads(path.read_text())
+        _check_resumable(old, manifest, out)
+        for i, e in enumerate(old["entries"]):
+            manifest["entries"][i] = e
+    atomic_write_json(path, manifest)
+    dirs = []
+    for i, entry in enumerate(manifest["entries"]):
+        mdir = out / entry["path"]
+        dirs.append(mdir)
+        if resume and entry["status"] == MemberStatus.DONE.value and (mdir / MODEL_DIR / CONFIG_NAME).exists():
+            if log is not None:
+                log(f"{entry['name']}: done, skipped")
+            continue
+        mc = replace(cfg, lora_seed=entry["lora_seed"],
+                     target_modules=None if cfg.target_modules is None else list(cfg.target_modules),
+                     extra=dict(cfg.extra) | {"ensemble_member": i, "data_seed": entry["data_seed"]})
+        tc = replace(train_cfg, data_seed=entry["data_seed"])
+        if log is not None:
+            log(f"{entry['name']}: training (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
+        entry["status"] = MemberStatus.RUNNING.value
+        atomic_write_json(path, manifest)
+        history = train(RewardModel(mc), pairs, tc, mdir, eval_pairs=eval_pairs, resume=resume,
+                        show_progress=show_progress)
+        entry["status"] = MemberStatus.DONE.value
+        entry["final_metrics"] = history[-1] if history else {}
+        atomic_write_json(path, manifest)
+    return dirs
+
+
+# --------------------------------------------------------------------------- loading and scoring
+
+
+def _model_dir(p: Path) -> Path:
+    """A member's model directory: a run dir's `model/` or the directory itself."""
+    return p / MODEL_DIR if not (p / CONFIG_NAME).exists() and (p / MODEL_DIR / CONFIG_NAME).exists() else p
+
+
+def _member_dirs(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Member directories from an ensemble dir (manifest or member_* folders) or an explicit list."""
+    if not isinstance(source, (str, Path)):
+        dirs = [Path(s) for s in source]
+    else:
+        root = Path(source)
+        if (root / MANIFEST_NAME).exists():
+            entries = json.loads((root / MANIFEST_NAME).read_text())["entries"]
+            unfinished = [e["name"] for e in entries if e["status"] != MemberStatus.DONE.value]
+            if unfinished:
+                raise ValueError(f"{root}: members {unfinished} are not trained; rerun train_ensemble to finish")
+            dirs = [root / e["path"] for e in entries]
+        elif (_model_dir(root) / CONFIG_NAME).exists():
+            dirs = [root]
+        else:
+            found = [(int(m.group(1)), d) for d in root.glob("member_*")
+                     if (m := re.fullmatch(r"member_(\d+)", d.name))]
+            dirs = [d for _, d in sorted(found)]
+    if not dirs:
+        raise FileNotFoundError(f"{source}: no ensemble members (manifest.json, member_* dirs or a model dir)")
+    for d in dirs:
+        if not (_model_dir(d) / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{d}: not a bayesrm model directory (no {CONFIG_NAME})")
+    return dirs
+
+
+def _rename_adapter(key: str, adapter: str) -> str:
+    """`….lora_A.<any>.weight` → `….lora_A.<adapter>.weight` (peft keys carry the adapter name)."""
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", rf".\1.{adapter}.weight", key)
+
+
+def _posterior_for(post: LaplacePosterior, adapter: str) -> LaplacePosterior:
+    """The same posterior with block names of adapter `adapter` (a single model's adapter is 'default')."""
+    blocks = {_rename_adapter(k, adapter): b for k, b in post.blocks.items()}
+    out = LaplacePosterior(blocks, post.cfg, post.n_data, post.log_lik)
+    out.tau = {_rename_adapter(k, adapter): t for k, t in post.tau.items()}
+    return out
+
+
+def find_posterior(member_dir: str | Path) -> Path | None:
+    """A member's Laplace posterior: `member_i/laplace` (experiment) or `member_i/model/laplace` (CLI)."""
+    p = Path(member_dir)
+    for cand in (p / POSTERIOR_DIR, _model_dir(p) / POSTERIOR_DIR):
+        if (cand / "posterior.json").exists():
+            return cand
+    return None
+
+
+class _MemberView(RewardModel):
+    """Member `adapter` of an ensemble as a RewardModel sharing the ensemble's backbone (no copy)."""
+
+    def __init__(self, config: RMConfig, backbone: Any, head: nn.Linear, tokenizer: Any, encoder: bool,
+                 adapter: str, lora_init: dict[str, torch.Tensor]) -> None:
+        nn.Module.__init__(self)  # skip RewardModel.__init__: the backbone and head already exist
+        self.config = config
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.backbone = backbone
+        self.head = head
+        self.adapter = adapter
+        self.lora_init = lora_init
+
+    def activate(self) -> None:
+        """Make this member's adapter the active (and only trainable) one, as Laplace hooks expect."""
+        self.backbone.set_adapter(self.adapter)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.backbone.active_adapter != self.adapter:
+            self.activate()
+        return super().forward(input_ids, attention_mask)
+
+
+class EnsembleRewardModel(nn.Module):
+    """M reward models as one backbone + M LoRA adapters (`member_i`) + M scalar heads."""
+
+    def __init__(self, configs: Sequence[RMConfig], backbone: nn.Module, heads: nn.ModuleDict, tokenizer: Any,
+                 lora_inits: Sequence[dict[str, torch.Tensor]] = (), member_dirs: Sequence[Path] = ()) -> None:
+        super().__init__()
+        from bayesrm.model import Pooling, is_encoder
+
+        if len(configs) != len(heads) or not configs:
+            raise ValueError(f"{len(configs)} configs for {len(heads)} heads")
+        self.configs = list(configs)
+        self.config = self.configs[0]  # the shared fields (backbone, template, max_length, pooling) are equal
+        self.tokenizer = tokenizer
+        self.backbone = backbone  # peft model with one adapter per member
+        self.heads = heads  # member_i → nn.Linear(d, 1)
+        self.names = list(heads.keys())
+        self.member_dirs = list(member_dirs)
+        base = backbone.get_base_model()  # type: ignore[operator]
+        self.encoder = is_encoder(base)
+        pooling = Pooling(self.config.pooling)
+        self.pooling = (Pooling.FIRST if self.encoder else Pooling.LAST) if pooling is Pooling.AUTO else pooling
+        inits = list(lora_inits) or [{} for _ in self.names]
+        self._views = [_MemberView(c, backbone, heads[n], tokenizer, self.encoder, n, init)  # type: ignore[arg-type]
+                       for c, n, init in zip(self.configs, self.names, inits, strict=True)]
+        for v in self._views:
+            v.pooling = self.pooling
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.heads.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @classmethod
+    def load(cls, source: str | Path | Sequence[str | Path], device: str | torch.device | None = None
+             ) -> EnsembleRewardModel:
+        """Load an ensemble dir (manifest.json or member_* dirs) or a list of member dirs onto one backbone."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        dirs = _member_dirs(source)
+        model_dirs = [_model_dir(d) for d in dirs]
+        configs = []
+        for md in model_dirs:
+            try:
+                configs.append(RMConfig.from_dict(json.loads((md / CONFIG_NAME).read_text())))
+            except (json.JSONDecodeError, ValueError, TypeError) as e:
+                raise ValueError(f"{md / CONFIG_NAME}: {e}") from None
+        for f in SHARED_FIELDS:
+            vals = [getattr(c, f) for c in configs]
+            if any(v != vals[0] for v in vals):
+                raise ValueError(f"ensemble members differ in '{f}' ({vals}); they must share one backbone setup")
+        names = [member_name(i) for i in range(len(dirs))]
+        base, tok = load_backbone(configs[0])
+        peft = PeftModel.from_pretrained(base, str(model_dirs[0]), adapter_name=names[0])
+        for name, md in zip(names[1:], model_dirs[1:], strict=True):
+            peft.load_adapter(str(md), adapter_name=name)
+        hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
+        heads = nn.ModuleDict({n: nn.Linear(hidden, 1) for n in names})
+        inits = []
+        for name, md in zip(names, model_dirs, strict=True):
+            heads[name].load_state_dict(load_file(str(md / HEAD_NAME)))
+            raw = load_file(str(md / INIT_NAME)) if (md / INIT_NAME).exists() else {}
+            inits.append({_rename_adapter(k, name): v for k, v in raw.items()})
+        heads.requires_grad_(False)
+        model = cls(configs, peft, heads, tok, inits, dirs)
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return model
+
+    def member(self, i: int) -> RewardModel:
+        """Member i as a RewardModel that shares this ensemble's weights; activates its adapter."""
+        view = self._views[i]
+        view.activate()
+        return view
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """Token ids per (prompt, response), shared by all members."""
+        return encode(self.tokenizer, prompts, responses, template=self.config.template,
+                      max_length=self.config.max_length)
+
+    @torch.no_grad()
+    def score_members(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
+                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """MAP rewards of every member, (M, N) in input order: one tokenisation, one batching, adapters switched."""
+        was_training = self.training
+        self.eval()
+        ids = self.encode(prompts, responses)
+        out = torch.empty(len(self), len(ids))  # (M, N)
+        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
+            x, m = collate([ids[i] for i in idx], self.pad_id)  # (B, T)
+            x, m = x.to(self.device), m.to(self.device)
+            for j, view in enumerate(self._views):
+                out[j, idx] = view(x, m).float().cpu()
+            if progress is not None:
+                progress(len(idx))
+        self.train(was_training)
+        return out
+
+    def load_posteriors(self) -> list[LaplacePosterior]:
+        """Each member's saved posterior (member_i/laplace or member_i/model/laplace)."""
+        posts = []
+        for d in self.member_dirs:
+            p = find_posterior(d)
+            if p is None:
+                raise FileNotFoundError(f"{d}: no Laplace posterior; fit one per member (`bayesrm laplace {d}`)")
+            posts.append(LaplacePosterior.load(p))
+        if len(posts) != len(self):
+            raise ValueError("this ensemble was built without member directories; pass the posteriors")
+        return posts
+
+    def predict_members(self, posteriors: Sequence[LaplacePosterior | str | Path] | None, prompts: Sequence[str],
+                        responses: Sequence[str], batch_size: int = 16,
+                        progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linearised Laplace (means (M, N), variances (M, N)), one posterior per member (None: load them).
+
+        Posteriors fitted on a member's own single-adapter RewardModel (adapter 'default') are renamed to the
+        member's adapter and checked against its weights; each member runs `LaplacePosterior.predict` on a
+        view sharing this backbone, so tokenisation happens once per member here.
+        """
+        posts = self.load_posteriors() if posteriors is None else [
+            p if isinstance(p, LaplacePosterior) else LaplacePosterior.load(p) for p in posteriors]
+        if len(posts) != len(self):
+            raise ValueError(f"{len(posts)} posteriors for {len(self)} members")
+        means, variances = [], []
+        for i, (name, post) in enumerate(zip(self.names, posts, strict=True)):
+            view = self.member(i)
+            renamed = _posterior_for(post, name)
+            renamed.check_matches(view)
+            mu, var = renamed.predict(view, prompts, responses, batch_size, progress)
+            means.append(mu)
+            variances.append(var)
+        self.backbone.set_adapter(self.names[0], inference_mode=True)  # type: ignore[operator]
+        return torch.stack(means), torch.stack(variances)  # (M, N) each

@@ -1,0 +1,546 @@
+"""Laplace-LoRA against exact fp64 oracles on tiny backbones (shared/papers/laplace-lora.md §9).
+
+Oracles are built without the hooks under test: Jacobians from `torch.func.jacrev(functional_call)`, per-token
+output gradients δ_t from jacrev w.r.t. an additive perturbation of each LoRA module's output, and posteriors
+from dense, materialised matrices.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jacrev
+
+from bayesrm.data import Pair
+from bayesrm.laplace import (
+    HEAD_KEY,
+    LaplaceConfig,
+    LaplacePosterior,
+    _batch_jacobians,
+    fit_laplace,
+    kfac_factors,
+    lora_modules,
+)
+from bayesrm.metrics import probit_probability
+from bayesrm.model import RewardModel, pool_hidden
+from bayesrm.templates import collate
+from bayesrm.train import TrainConfig, train
+from conftest import toy_pairs
+
+Tensor = torch.Tensor
+KINDS = ["bert", "llama", "neox"]  # an encoder (first-token reward) and two decoders (last-token reward)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _features64(self: RewardModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """RewardModel.features without its `.float()` downcast, so an fp64 model stays fp64 end to end."""
+    out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+    return pool_hidden(out[0], attention_mask, self.pooling)
+
+
+def _double(model: RewardModel) -> RewardModel:
+    model.double().eval()
+    model.features = types.MethodType(_features64, model)  # type: ignore[method-assign]
+    return model
+
+
+def _model(tiny_cfg: Callable[..., object], kind: str = "bert", seed: int | None = 0, **kw: object) -> RewardModel:
+    """A tiny fp64 reward model; with `seed`, LoRA weights are random so that B ≠ 0 and every δ is non-zero."""
+    model = _double(RewardModel(tiny_cfg(kind, template="plain", **kw)))  # type: ignore[arg-type]
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.lora_parameters().values():
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def _batch(model: RewardModel, prompts: list[str], responses: list[str]) -> tuple[Tensor, Tensor]:
+    return collate(model.encode(prompts, responses), model.pad_id)
+
+
+def _pair_batch(model: RewardModel, pairs: list[Pair]) -> tuple[Tensor, Tensor]:
+    """Rows: all chosen, then all rejected (the layout of the fit)."""
+    prompts = [p.prompt for p in pairs]
+    return _batch(model, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+
+
+def _jac(model: RewardModel, x: Tensor, m: Tensor) -> dict[str, Tensor]:
+    """Exact per-row Jacobians ∂r_b/∂θ_m (B, o, i) of every LoRA tensor (jacrev, one VJP per row)."""
+    params = {k: p.detach() for k, p in model.lora_parameters().items()}
+    J = jacrev(lambda p: functional_call(model, p, (x, m)), chunk_size=1)(params)
+    return {k: v.detach() for k, v in J.items()}
+
+
+def _flat(J: dict[str, Tensor], keys: list[str]) -> Tensor:
+    return torch.cat([J[k].reshape(J[k].shape[0], -1) for k in keys], dim=1)  # (B, P), row-major per tensor
+
+
+def _token_pieces(model: RewardModel, x: Tensor, m: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Raw per-token inputs a_t (B, T, i) and output gradients δ_t = ∂r/∂o_t (B, T, o), pads not masked."""
+    mods = {k: model.get_submodule(k.removesuffix(".weight")) for k in model.lora_parameters()}
+    a: dict[str, Tensor] = {}
+    hs = [mod.register_forward_hook(lambda _m, inp, _o, k=k: a.__setitem__(k, inp[0].detach()))
+          for k, mod in mods.items()]
+    with torch.no_grad():
+        model(x, m)
+    for h in hs:
+        h.remove()
+    B, T = x.shape
+    eps = {k: torch.zeros(B, T, mod.out_features, dtype=torch.double) for k, mod in mods.items()}
+
+    def f(e: dict[str, Tensor]) -> Tensor:
+        hooks = [mod.register_forward_hook(lambda _m, _i, out, k=k: out + e[k]) for k, mod in mods.items()]
+        try:
+            return model(x, m)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    D = jacrev(f, chunk_size=1)(eps)  # (B, B, T, o) per module
+    rows = torch.arange(B)
+    return a, {k: D[k][rows, rows].detach() for k in mods}
+
+
+def _truncate(F_: Tensor, k: int | None, trace_complement: bool) -> Tensor:
+    """Dense factor with the spectrum the posterior keeps: top-k eigenpairs, ρ on the rest (laplace-lora.md §4)."""
+    vals, vecs = torch.linalg.eigh(0.5 * (F_ + F_.T))
+    vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1)
+    d = vals.numel()
+    if k is None or k >= d:
+        return vecs @ torch.diag(vals) @ vecs.T
+    rho = float(vals[k:].sum()) / (d - k) if trace_complement else 0.0
+    V = vecs[:, :k]
+    return V @ torch.diag(vals[:k]) @ V.T + rho * (torch.eye(d, dtype=F_.dtype) - V @ V.T)
+
+
+def _dense_precision(G: dict[str, Tensor], A: dict[str, Tensor], tau: dict[str, float], keys: list[str],
+                     temperature: float = 1.0) -> Tensor:
+    """blockdiag(G_m ⊗ A_m / T + τ_m I), materialised."""
+    blocks = [torch.kron(G[k], A[k]) / temperature + tau[k] * torch.eye(G[k].shape[0] * A[k].shape[0],
+                                                                          dtype=torch.double) for k in keys]
+    return torch.block_diag(*blocks)
+
+
+def _log_lik(model: RewardModel, pairs: list[Pair]) -> float:
+    with torch.no_grad():
+        r = model(*_pair_batch(model, pairs))
+    n = len(pairs)
+    return float(F.logsigmoid(r[:n] - r[n:]).sum())
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+ID_PAIRS = toy_pairs(12, seed=7)  # held out, same vocabulary and prompts as training
+OOD_PROMPTS = ["translate this invoice into french please", "list every prime below fifty"] * 6
+OOD_RESPONSES = [" ".join(["zebra quantum volcano saxophone invoice glacier"] * (2 + i % 4)) for i in range(12)]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Hidden-16 matmuls gain nothing from threads, and OpenMP barriers make them ~100× slower on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def train_pairs() -> list[Pair]:
+    return toy_pairs(24)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cfg: Callable[..., object], train_pairs: list[Pair], tmp_path_factory: pytest.TempPathFactory
+            ) -> RewardModel:
+    """A tiny bert RM trained 42 steps with lr 1e-2 (so B ≠ 0 and the MAP is not the init), then in fp64."""
+    model = RewardModel(tiny_cfg("bert", template="plain"))  # type: ignore[arg-type]
+    cfg = TrainConfig(epochs=7, lr=1e-2, batch_size=4, warmup_ratio=0.0, checkpoint_every=0)
+    with warnings.catch_warnings():
+        # train.py logs `float(loss)` on a tensor that requires grad (harmless; reported to its owner)
+        warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True", UserWarning)
+        train(model, train_pairs, cfg, tmp_path_factory.mktemp("train"), show_progress=False)
+    return _double(model)
+
+
+@pytest.fixture(scope="module")
+def post(trained: RewardModel, train_pairs: list[Pair]) -> LaplacePosterior:
+    return fit_laplace(trained, train_pairs, LaplaceConfig(batch_size=5))
+
+
+@pytest.fixture(scope="module")
+def factors(trained: RewardModel, train_pairs: list[Pair]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    G, A, _ = kfac_factors(trained, train_pairs, "reduce", batch_size=24)
+    return G, A
+
+
+# ------------------------------------------------------------------------------------------------ T1 Jacobians
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hook_jacobians_equal_jacrev_and_ignore_padding(tiny_cfg: Callable[..., object], kind: str) -> None:
+    model = _model(tiny_cfg, kind)
+    mods = lora_modules(model)
+    prompts = ["question 1 about cats", "what", "question 2 about dogs and maths"]
+    responses = ["good kind", "great clear helpful correct short", "bad"]
+    x, m = _batch(model, prompts, responses)
+    assert (m == 0).any()  # rows really are padded
+    r, a, g = _batch_jacobians(model, mods, x, m)
+    J = _jac(model, x, m)
+    for k in mods:
+        assert _rel(torch.einsum("bto,bti->boi", g[k], a[k]), J[k]) < 1e-12, k  # Σ_t δ_t a_tᵀ = ∂r/∂θ
+    assert _rel(r, model(x, m).detach()) < 1e-14
+    a_raw, d_raw = _token_pieces(model, x, m)
+    pad = m == 0
+    for k in mods:
+        assert float(d_raw[k][pad].abs().max()) == 0.0, k  # δ = 0 on pads, before any masking
+        assert _rel(g[k], d_raw[k]) < 1e-12 and _rel(a[k][~pad], a_raw[k][~pad]) < 1e-14
+        assert float(a[k][pad].abs().max()) == 0.0 < float(a_raw[k][pad].abs().max())  # pads' a_t ≠ 0: masked
+    # the same response alone, and batched with a much longer one (more padding), gives the same row
+    x1, m1 = _batch(model, prompts[:1], responses[:1])
+    x2, m2 = _batch(model, [prompts[0], "a much longer prompt " * 4], [responses[0], "and a long response " * 4])
+    assert x2.shape[1] > x1.shape[1] + 10
+    r1, a1, g1 = _batch_jacobians(model, mods, x1, m1)
+    r2, a2, g2 = _batch_jacobians(model, mods, x2, m2)
+    assert _rel(r2[:1], r1) < 1e-12
+    for k in mods:
+        J1 = torch.einsum("bto,bti->boi", g1[k], a1[k])
+        J2 = torch.einsum("bto,bti->boi", g2[k], a2[k])[:1]
+        assert _rel(J2, J1) < 1e-10, k
+
+
+# ------------------------------------------------------------------------------------------------ T3 KFAC factors
+
+
+def test_kronecker_block_of_one_token_row_is_the_exact_ggn_block(tiny_cfg: Callable[..., object]) -> None:
+    """For a single row of one token J = δ aᵀ is rank one, so G ⊗ A (output factor first) is the exact block."""
+    model = _model(tiny_cfg, "neox")
+    mods = lora_modules(model)
+    x, m = torch.tensor([[1037]]), torch.ones(1, 1, dtype=torch.long)
+    lam = 0.21  # a pair's Λ = p(1 − p), entering through g = √Λ δ
+    _, a, g = _batch_jacobians(model, mods, x, m, weights=lambda r: torch.full_like(r, math.sqrt(lam)))
+    J = _jac(model, x, m)
+    exact = {k: lam * torch.outer(J[k][0].reshape(-1), J[k][0].reshape(-1)) for k in mods}  # row-major vec
+    scale = max(float(e.abs().max()) for e in exact.values())
+    for k in mods:
+        G, A = g[k][0].T @ g[k][0], a[k][0].T @ a[k][0]  # T = 1: Σ g gᵀ and mean a aᵀ
+        assert float((torch.kron(G, A) - exact[k]).abs().max()) < 1e-12 * scale, k
+        assert float(exact[k].abs().max()) > 1e-6 * scale, k  # fused qkv: the v part always gets a gradient
+
+
+@pytest.mark.parametrize("variant", ["reduce", "expand"])
+@pytest.mark.parametrize("kind", ["bert", "neox"])  # fp64 throughout (Llama's RMSNorm computes in fp32)
+def test_kfac_factors_equal_brute_force_token_einsums(tiny_cfg: Callable[..., object], kind: str,
+                                                       variant: str) -> None:
+    model = _model(tiny_cfg, kind)
+    pairs = toy_pairs(5, seed=3)
+    keys = list(model.lora_parameters())
+    G = {k: torch.zeros(1) for k in keys}
+    A = {k: torch.zeros(1) for k in keys}
+    count, log_lik = 0, 0.0
+    for p in pairs:  # one pair at a time: rows (w, l)
+        x, m = _pair_batch(model, [p])
+        a, d = _token_pieces(model, x, m)
+        with torch.no_grad():
+            r = model(x, m)
+        delta = r[0] - r[1]
+        lam = float(torch.sigmoid(delta) * torch.sigmoid(-delta))
+        log_lik += float(F.logsigmoid(delta))
+        n_tok = m.sum(1)  # (2,)
+        for k in keys:
+            if variant == "reduce":  # ĝ = √Λ c_s Σ_t δ_t, ā = mean_t a_t over real tokens
+                gh = math.sqrt(lam) * torch.stack([d[k][0].sum(0), -d[k][1].sum(0)])  # (2, o)
+                ab = torch.stack([a[k][s][m[s] == 1].mean(0) for s in range(2)])  # (2, i)
+                G[k] = G[k] + gh.T @ gh
+                A[k] = A[k] + ab.T @ ab
+            else:  # every real token its own row
+                dt = torch.cat([d[k][s][m[s] == 1] for s in range(2)])  # (M, o)
+                at = torch.cat([a[k][s][m[s] == 1] for s in range(2)])  # (M, i)
+                G[k] = G[k] + lam * dt.T @ dt
+                A[k] = A[k] + at.T @ at
+        count += 2 if variant == "reduce" else int(n_tok.sum())
+    Gh, Ah, ll = kfac_factors(model, pairs, variant, batch_size=3)
+    for k in keys:
+        assert _rel(Gh[k], G[k]) < 1e-10 and _rel(Ah[k], A[k] / count) < 1e-12, k
+    assert abs(ll - log_lik) < 1e-12
+
+
+@pytest.mark.parametrize("variant", ["reduce", "expand"])
+def test_kfac_factor_invariances(tiny_cfg: Callable[..., object], variant: str) -> None:
+    model = _model(tiny_cfg, "neox")
+    pairs = toy_pairs(6, seed=4)
+    G, A, ll = kfac_factors(model, pairs, variant, batch_size=len(pairs))
+    for bs in (1, 3):  # batch size (and so padding) does not matter
+        Gb, Ab, llb = kfac_factors(model, pairs, variant, batch_size=bs)
+        assert all(_rel(Gb[k], G[k]) < 1e-10 and _rel(Ab[k], A[k]) < 1e-10 for k in G)
+        assert abs(llb - ll) < 1e-10
+    swapped = [Pair(p.prompt, p.rejected, p.chosen) for p in pairs]  # Λ and c_s² are label-free
+    Gs, As, _ = kfac_factors(model, swapped, variant, batch_size=4)
+    assert all(_rel(Gs[k], G[k]) < 1e-10 and _rel(As[k], A[k]) < 1e-10 for k in G)
+    Gd, Ad, lld = kfac_factors(model, pairs + pairs, variant, batch_size=4)  # G sums, A averages
+    assert all(_rel(Gd[k], 2 * G[k]) < 1e-10 and _rel(Ad[k], A[k]) < 1e-10 for k in G)
+    assert abs(lld - 2 * ll) < 1e-10
+
+
+# ------------------------------------------------------------------------------------------------ KFAC vs full GGN
+
+
+def test_kfac_variances_rank_like_full_ggn_laplace(trained: RewardModel, train_pairs: list[Pair],
+                                                   post: LaplacePosterior) -> None:
+    """Dense full-GGN Laplace (all A–B and cross-layer couplings) vs KFAC-reduce, same layerwise τ."""
+    keys = list(post.blocks)
+    n = len(train_pairs)
+    x, m = _pair_batch(trained, train_pairs)
+    Jr = _flat(_jac(trained, x, m), keys)  # (2N, P)
+    with torch.no_grad():
+        r = trained(x, m)
+    lam = torch.sigmoid(r[:n] - r[n:]) * torch.sigmoid(r[n:] - r[:n])
+    Jd = Jr[:n] - Jr[n:]  # J_Δ
+    ggn = (Jd.T * lam) @ Jd  # Σ_n Λ_n J_Δᵀ J_Δ
+    tau = torch.cat([torch.full((post.blocks[k].theta.numel(),), post.tau[k], dtype=torch.double) for k in keys])
+    cov = torch.linalg.inv(ggn + torch.diag(tau))
+    prompts = [p.prompt for p in ID_PAIRS] * 2 + OOD_PROMPTS
+    responses = [p.chosen for p in ID_PAIRS] + [p.rejected for p in ID_PAIRS] + OOD_RESPONSES
+    Jt = _flat(_jac(trained, *_batch(trained, prompts, responses)), keys)
+    v_full = ((Jt @ cov) * Jt).sum(1)
+    _, v_kfac = post.predict(trained, prompts, responses)
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(v_full.numpy(), v_kfac.numpy()).statistic)
+    assert rho >= 0.9, rho  # measured 0.97 on this seed (n = 36 responses)
+
+
+# ------------------------------------------------------------------------------------------------ T4/T5 algebra
+
+
+@pytest.mark.parametrize(("rank", "trace_complement"), [(None, True), (3, True), (3, False)])
+def test_kron_variance_equals_dense_kfac_covariance(trained: RewardModel, train_pairs: list[Pair],
+                                                    factors: tuple[dict[str, Tensor], dict[str, Tensor]],
+                                                    rank: int | None, trace_complement: bool) -> None:
+    cfg = LaplaceConfig(rank=rank, lowrank_threshold=8, trace_complement=trace_complement, temperature=0.5,
+                        tau_method="fixed", batch_size=7)
+    p = fit_laplace(trained, train_pairs, cfg)
+    keys = list(p.blocks)
+    gen = torch.Generator().manual_seed(1)
+    p.tau = {k: float(10 ** (2 * torch.rand(1, generator=gen) - 1)) for k in keys}  # a different τ per tensor
+    if rank is not None:  # the large sides (16) are truncated, the rank-2 sides are kept whole
+        assert all(min(b.g_vals.numel(), b.a_vals.numel()) == 2 and max(b.g_vals.numel(), b.a_vals.numel()) == 3
+                   for b in p.blocks.values())
+    G, A = factors
+    Gt = {k: _truncate(G[k], rank if G[k].shape[0] >= 8 else None, trace_complement) for k in keys}
+    At = {k: _truncate(A[k], rank if A[k].shape[0] >= 8 else None, trace_complement) for k in keys}
+    cov = torch.linalg.inv(_dense_precision(Gt, At, p.tau, keys, temperature=0.5))
+    prompts = [q.prompt for q in ID_PAIRS] + OOD_PROMPTS[:4]
+    responses = [q.chosen for q in ID_PAIRS] + OOD_RESPONSES[:4]
+    x, m = _batch(trained, prompts, responses)
+    Jt = _flat(_jac(trained, x, m), keys)
+    v_dense = ((Jt @ cov) * Jt).sum(1)
+    mean, var = p.predict(trained, prompts, responses, batch_size=5)
+    assert _rel(var, v_dense) < 1e-9
+    assert _rel(mean, trained(x, m).detach()) < 1e-12
+    # the evidence's log-det uses the same (truncated) spectrum
+    P = _dense_precision(Gt, At, p.tau, keys, temperature=0.5)
+    tau_vec = torch.cat([torch.full((p.blocks[k].theta.numel(),), p.tau[k], dtype=torch.double) for k in keys])
+    logdet_ratio = float(torch.linalg.slogdet(P)[1] - tau_vec.log().sum())
+    theta = torch.cat([(b.theta - b.mu0).reshape(-1) for b in p.blocks.values()])
+    dense_lml = p.log_lik - 0.5 * logdet_ratio - 0.5 * float((tau_vec * theta.square()).sum())
+    assert abs(p.log_marginal_likelihood() - dense_lml) < 1e-9 * abs(dense_lml)
+
+
+def test_predict_is_batch_padding_and_truncation_invariant(tiny_cfg: Callable[..., object]) -> None:
+    model = _model(tiny_cfg, "bert", max_length=9)  # [CLS] + 5 prompt tokens + 2 response tokens + [SEP]
+    p = fit_laplace(model, toy_pairs(8, seed=5), LaplaceConfig(tau_method="fixed", prior_precision=0.3))
+    long_prompt = "good bad great awful helpful rude clear vague kind harsh"  # one WordPiece per word
+    short_prompt = "rude clear vague kind harsh"  # what truncation from the left keeps
+    assert model.encode([long_prompt], ["correct wrong"]) == model.encode([short_prompt], ["correct wrong"])
+    prompts = [long_prompt, "cats", "question 3 about dogs", "maths"]
+    responses = ["correct wrong", "good", "helpful kind clear", "bad awful"]
+    mean, var = p.predict(model, prompts, responses, batch_size=4)
+    mean1, var1 = p.predict(model, prompts, responses, batch_size=1)
+    assert _rel(var, var1) < 1e-10 and _rel(mean, mean1) < 1e-12  # batched = one by one
+    _, v_short = p.predict(model, [short_prompt], ["correct wrong"])
+    assert abs(float(var[0] - v_short[0])) < 1e-8 * float(v_short[0])  # truncated = the kept tokens alone
+
+
+def test_pair_variance_is_var_w_plus_var_l_minus_2cov(trained: RewardModel, post: LaplacePosterior,
+                                                      factors: tuple[dict[str, Tensor], dict[str, Tensor]]) -> None:
+    keys = list(post.blocks)
+    G, A = factors
+    cov = torch.linalg.inv(_dense_precision(G, A, post.tau, keys))
+    n = len(ID_PAIRS)
+    Jr = _flat(_jac(trained, *_pair_batch(trained, ID_PAIRS)), keys)
+    Jw, Jl = Jr[:n], Jr[n:]
+    var_w, var_l = ((Jw @ cov) * Jw).sum(1), ((Jl @ cov) * Jl).sum(1)
+    covar = ((Jw @ cov) * Jl).sum(1)
+    mu, vd = post.predict_pairs(trained, ID_PAIRS, batch_size=5)
+    assert _rel(vd, var_w + var_l - 2 * covar) < 1e-9
+    _, vw = post.predict(trained, [p.prompt for p in ID_PAIRS], [p.chosen for p in ID_PAIRS])
+    assert _rel(vw, var_w) < 1e-9
+    assert float((covar / (var_w + var_l)).min()) > 0.05  # the shared prompt's covariance is not negligible
+    with torch.no_grad():
+        r = trained(*_pair_batch(trained, ID_PAIRS))
+    assert _rel(mu, r[:n] - r[n:]) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------ T6 evidence, τ
+
+
+def _dense_marglik_terms(post: LaplacePosterior, G: dict[str, Tensor], A: dict[str, Tensor]
+                         ) -> dict[str, tuple[Tensor, float]]:
+    """Per tensor: eigenvalues of the materialised G ⊗ A and the scatter ‖θ* − μ0‖²."""
+    return {k: (torch.linalg.eigvalsh(torch.kron(G[k], A[k])).clamp_min(0.0),
+                float((b.theta - b.mu0).square().sum())) for k, b in post.blocks.items()}
+
+
+def _dense_objective(terms: dict[str, tuple[Tensor, float]], keys: list[str], tau: float) -> float:
+    """log p(D|τ) − log p(D|θ*) = −½ Σ_m [log det(GGN_m + τI) − p_m log τ + τ ‖θ*_m − μ0_m‖²]."""
+    return -0.5 * sum(float(torch.log(ev + tau).sum()) - ev.numel() * math.log(tau) + tau * sc
+                      for ev, sc in (terms[k] for k in keys))
+
+
+@pytest.mark.parametrize("structure", ["layerwise", "global"])
+def test_marglik_matches_dense_and_tau_is_its_maximiser(trained: RewardModel, train_pairs: list[Pair],
+                                                        post: LaplacePosterior, structure: str,
+                                                        factors: tuple[dict[str, Tensor], dict[str, Tensor]]
+                                                        ) -> None:
+    keys = list(post.blocks)
+    assert abs(post.log_lik - _log_lik(trained, train_pairs)) < 1e-10
+    terms = _dense_marglik_terms(post, *factors)
+    gen = torch.Generator().manual_seed(2)
+    tau = {k: float(10 ** (4 * torch.rand(1, generator=gen) - 2)) for k in keys}
+    dense = post.log_lik + sum(_dense_objective(terms, [k], tau[k]) for k in keys)
+    assert abs(post.log_marginal_likelihood(tau) - dense) < 1e-10 * abs(dense)
+    p = LaplacePosterior(post.blocks, post.cfg, post.n_data, post.log_lik)
+    t_ml = p.optimize_prior_precision("marglik", structure)
+    groups = [[k] for k in keys] if structure == "layerwise" else [keys]
+    for grp in groups:  # a fine grid of the dense objective peaks at the optimiser's τ (within one step)
+        t = t_ml[grp[0]]
+        assert all(t_ml[k] == t for k in grp)
+        assert 1e-5 < t < 1e7, (grp, t)  # interior: not stuck at the search bounds (1e-6, 1e8)
+        grid = t * torch.logspace(-1, 1, 2001, dtype=torch.double)  # step 0.1 % in τ
+        vals = torch.tensor([_dense_objective(terms, grp, float(s)) for s in grid], dtype=torch.double)
+        best = int(vals.argmax())
+        assert 0 < best < len(grid) - 1 and abs(float(grid[best]) / t - 1) < 2.5e-3
+        assert _dense_objective(terms, grp, t) >= float(vals.max()) - 1e-12 * abs(float(vals.max()))
+    t_mk = p.optimize_prior_precision("mackay", structure)  # same stationary condition τ = γ / ‖θ* − μ0‖²
+    assert all(abs(t_mk[k] / t_ml[k] - 1) < 1e-4 for k in keys), (t_mk, t_ml)
+
+
+# ------------------------------------------------------------------------------------------------ T7 predictive
+
+
+def test_monte_carlo_linearised_predictive(trained: RewardModel, post: LaplacePosterior,
+                                           factors: tuple[dict[str, Tensor], dict[str, Tensor]]) -> None:
+    keys = list(post.blocks)
+    cov = torch.linalg.inv(_dense_precision(*factors, post.tau, keys))
+    L = torch.linalg.cholesky(cov)
+    n = len(ID_PAIRS)
+    x, m = _pair_batch(trained, ID_PAIRS)
+    Jr = _flat(_jac(trained, x, m), keys)
+    with torch.no_grad():
+        r = trained(x, m)
+    mu, Jd = r[:n] - r[n:], Jr[:n] - Jr[n:]
+    S = 40_000
+    gen = torch.Generator().manual_seed(3)
+    eps = torch.randn(S, L.shape[0], generator=gen, dtype=torch.double) @ L.T  # θ − θ* ~ N(0, Σ_KFAC)
+    deltas = mu + eps @ Jd.T  # (S, n): Δ of the linearised model
+    mu_la, var_la = post.predict_pairs(trained, ID_PAIRS)
+    var_mc = deltas.var(0)
+    se = var_la * math.sqrt(2 / (S - 1))  # s.e. of a Gaussian sample variance
+    assert float(((var_mc - var_la).abs() / se).max()) < 4.5
+    assert _rel(mu_la, mu) < 1e-12
+    p_mc = torch.sigmoid(deltas).mean(0)
+    p_probit = probit_probability(mu_la, var_la)
+    assert float((p_mc - p_probit).abs().max()) < 0.01, (p_mc - p_probit).abs().max()
+
+
+# ------------------------------------------------------------------------------------------------ OOD, io
+
+
+def test_sigma_grows_out_of_distribution(trained: RewardModel, post: LaplacePosterior) -> None:
+    _, v_id = post.predict(trained, [p.prompt for p in ID_PAIRS] * 2,
+                           [p.chosen for p in ID_PAIRS] + [p.rejected for p in ID_PAIRS])
+    _, v_ood = post.predict(trained, OOD_PROMPTS, OOD_RESPONSES)
+    assert float(v_ood.mean()) > 1.5 * float(v_id.mean()), (float(v_ood.mean()), float(v_id.mean()))
+
+
+@pytest.mark.parametrize("subset", ["lora", "head"])
+def test_save_load_round_trip(trained: RewardModel, train_pairs: list[Pair], tmp_path: Path, subset: str) -> None:
+    p = fit_laplace(trained, train_pairs, LaplaceConfig(subset=subset, rank=3, lowrank_threshold=8))
+    p.save(tmp_path / "post")
+    q = LaplacePosterior.load(tmp_path / "post")
+    assert q.tau == p.tau and q.cfg == p.cfg
+    assert q.log_marginal_likelihood() == p.log_marginal_likelihood()
+    prompts, responses = [x.prompt for x in ID_PAIRS], [x.chosen for x in ID_PAIRS]
+    for a, b in zip(p.predict(trained, prompts, responses), q.predict(trained, prompts, responses), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(p.predict_pairs(trained, ID_PAIRS), q.predict_pairs(trained, ID_PAIRS), strict=True):
+        assert torch.equal(a, b)
+    q.check_matches(trained)
+
+
+def test_marglik_tau_is_interior_after_training(post: LaplacePosterior) -> None:
+    assert all(1e-5 < t < 1e7 and math.isfinite(t) for t in post.tau.values()), post.tau
+
+
+# ------------------------------------------------------------------------------------------------ head-only
+
+
+def test_head_laplace_is_exact(trained: RewardModel, train_pairs: list[Pair]) -> None:
+    """Last-layer Laplace: r is linear in [w, b], so the GGN is the BT loss's exact Hessian."""
+    head = {"head.weight": trained.head.weight.detach(), "head.bias": trained.head.bias.detach()}
+    n = len(train_pairs)
+    x, m = _pair_batch(trained, train_pairs)
+
+    def loss(w: Tensor) -> Tensor:  # θ = [w, b] flattened, like the posterior's (1, d+1) row
+        r = functional_call(trained, {"head.weight": w[:-1].unsqueeze(0), "head.bias": w[-1:]}, (x, m))
+        return -F.logsigmoid(r[:n] - r[n:]).sum()
+
+    theta = torch.cat([head["head.weight"].reshape(-1), head["head.bias"]])
+    H = jacrev(jacrev(loss))(theta).detach()  # exact Hessian (d+1, d+1), reverse-over-reverse
+    tau = 0.7
+    p = fit_laplace(trained, train_pairs, LaplaceConfig(subset="head", tau_method="fixed", prior_precision=tau))
+    assert list(p.blocks) == [HEAD_KEY]
+    cov = torch.linalg.inv(H + tau * torch.eye(len(theta), dtype=torch.double))
+    prompts = [q.prompt for q in ID_PAIRS] + OOD_PROMPTS[:3]
+    responses = [q.chosen for q in ID_PAIRS] + OOD_RESPONSES[:3]
+    xt, mt = _batch(trained, prompts, responses)
+    Jt = jacrev(lambda w: functional_call(trained, {"head.weight": w[:-1].unsqueeze(0), "head.bias": w[-1:]},
+                                          (xt, mt)))(theta).detach()  # (B, d+1)
+    mean, var = p.predict(trained, prompts, responses)
+    assert _rel(var, ((Jt @ cov) * Jt).sum(1)) < 1e-10 and _rel(mean, trained(xt, mt).detach()) < 1e-12
+    k = len(ID_PAIRS)
+    Jp = _jac_head_pairs = Jt[:k]  # chosen rows; rejected below
+    Jl = jacrev(lambda w: functional_call(trained, {"head.weight": w[:-1].unsqueeze(0), "head.bias": w[-1:]},
+                                          _batch(trained, prompts[:k], [q.rejected for q in ID_PAIRS])))(theta)
+    Jd = Jp - Jl.detach()
+    _, vd = p.predict_pairs(trained, ID_PAIRS)
+    assert _rel(vd, ((Jd @ cov) * Jd).sum(1)) < 1e-10
+    del _jac_head_pairs
+    # evidence: dense formula, τ search = fine grid optimum = MacKay
+    sign, logdet = torch.linalg.slogdet(H + tau * torch.eye(len(theta), dtype=torch.double))
+    dense = -float(loss(theta)) - 0.5 * (float(logdet) - len(theta) * math.log(tau)) - 0.5 * tau * float(
+        theta.square().sum())
+    assert float(sign) > 0 and abs(p.log_marginal_likelihood() - dense) < 1e-10 * abs(dense)
+    t_ml = p.optimize_prior_precision("marglik")[HEAD_KEY]
+    ev = torch.linalg.eigvalsh(H).clamp_min(0.0)
+    terms = {HEAD_KEY: (ev, float(theta.square().sum()))}
+    grid = t_ml * torch.logspace(-1, 1, 2001, dtype=torch.double)
+    vals = torch.tensor([_dense_objective(terms, [HEAD_KEY], float(s)) for s in grid], dtype=torch.double)
+    assert 1e-5 < t_ml < 1e7 and abs(float(grid[int(vals.argmax())]) / t_ml - 1) < 2.5e-3
+    t_mk = p.optimize_prior_precision("mackay")[HEAD_KEY]
+    assert abs(t_mk / t_ml - 1) < 1e-4
