@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import toy_pairs
 from typer.testing import CliRunner
 
 from bayesrm.cli import app
-from conftest import toy_pairs
 
 runner = CliRunner()
 
@@ -39,6 +39,9 @@ def test_train_writes_model_metrics_and_checkpoint(trained: tuple[Path, Path]) -
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and "eval_accuracy" in rows[-1]
     assert (run / "model" / "laplace" / "posterior.json").exists()
+    n_train = len((run / "data" / "train.jsonl").read_text().splitlines())
+    n_eval = len((run / "data" / "eval.jsonl").read_text().splitlines())
+    assert n_train + n_eval == 32 and n_eval > 0
 
 
 def test_eval_reports_map_and_laplace_with_ood(trained: tuple[Path, Path], tmp_path: Path) -> None:
@@ -76,8 +79,7 @@ def test_score_with_uncertainty_adds_columns(trained: tuple[Path, Path], tmp_pat
     assert [r["reward"] for r in p_rows] == pytest.approx([r["reward"] for r in rows], abs=1e-5)
 
 
-def test_bad_input_gives_one_clear_line(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    run, _ = trained
+def test_bad_input_gives_one_clear_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": 3, "rejected": "b"}\n')
     res = runner.invoke(app, ["train", str(bad), "--out", str(tmp_path / "r")])

@@ -13,7 +13,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bayesrm.data import DataError, DataFormat, LoadReport, Pair, iter_rows, load_pairs, split_by_prompt
+from bayesrm.data import (
+    DataError,
+    DataFormat,
+    LoadReport,
+    Pair,
+    iter_rows,
+    load_pairs,
+    save_pairs,
+    split_by_prompt,
+)
 from bayesrm.progress import progress_bar
 
 app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RMs, Laplace-LoRA, best-of-n.",
@@ -118,7 +127,10 @@ def train_cmd(
                      margin=margin, center_coef=center_coef, data_seed=data_seed, mixed_precision=mixed_precision,
                      max_steps=max_steps)
     model = RewardModel(mc)
-    console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint)")
+    save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
+    save_pairs(eval_pairs, out / "data" / "eval.jsonl")
+    console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint); "
+                  f"splits in {out / 'data'}")
     history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
     _print_metrics("final", history[-1])
     console.print(f"model saved to {out / 'model'}")
