@@ -48,6 +48,7 @@ class RMConfig:
     lora_seed: int = 0  # seeds LoRA A init and the head init
     gguf_file: str | None = None  # load a GGUF checkpoint inside `backbone` (a folder or hub repo)
     dtype: str = "float32"  # backbone weights dtype (float32 | bfloat16 | float16)
+    disable_dropout: bool = True  # zero the backbone's dropout (as TRL's RewardConfig does); LoRA dropout is separate
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (data, seeds, …)
 
     @classmethod
@@ -72,7 +73,7 @@ def resolve_backbone(name: str) -> str:
 
 def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
     """Load (base model without LM head, tokenizer) for `cfg.backbone`."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -80,7 +81,12 @@ def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
     kw: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(src, **kw)
-        base = AutoModel.from_pretrained(src, dtype=getattr(torch, cfg.dtype), **kw)
+        hf_cfg = AutoConfig.from_pretrained(src, **kw)
+        if cfg.disable_dropout:
+            for name, value in list(vars(hf_cfg).items()):
+                if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                    setattr(hf_cfg, name, 0.0)
+        base = AutoModel.from_pretrained(src, config=hf_cfg, dtype=getattr(torch, cfg.dtype), **kw)
     except OSError as e:
         raise ValueError(f"cannot load backbone '{cfg.backbone}': {e}") from None
     if tok.pad_token is None:
