@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: one thread is fastest and keeps a loaded 2-core machine usable
 
 from bayesrm.data import Pair  # noqa: E402
 from bayesrm.model import RMConfig, resolve_backbone  # noqa: E402

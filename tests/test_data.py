@@ -64,7 +64,7 @@ def _write_json(path: Path, rows: list[dict[str, Any]]) -> None:
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     opener = gzip.open if path.suffix == ".gz" else open
     delimiter = "\t" if ".tsv" in path.suffixes else ","
-    with opener(path, "wt", encoding="utf-8", newline="") as f:  # type: ignore[operator]
+    with opener(path, "wt", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
         w.writeheader()
         w.writerows(rows)
@@ -128,7 +128,7 @@ def test_json_wrapped_and_column_oriented(tmp_path: Path) -> None:
     assert load_pairs(tmp_path / "wrapped.json") == PAIRS
     assert load_pairs(tmp_path / "columns.json") == PAIRS
     (tmp_path / "ragged.json").write_text(json.dumps({"prompt": ["a", "b"], "chosen": ["c"]}))
-    with pytest.raises(DataError, match="ragged.json: expected a list of objects"):
+    with pytest.raises(DataError, match=r"ragged\.json: expected a list of objects"):
         load_pairs(tmp_path / "ragged.json")
 
 
@@ -145,6 +145,15 @@ def test_hf_prefix_uses_datasets_with_split_and_mapping(monkeypatch: pytest.Monk
     assert [(p.prompt, p.chosen, p.rejected) for p in got] == [(p.prompt, p.chosen, p.rejected) for p in PAIRS]
     load_pairs("hf:org/prefs", fields={"prompt": "q"})
     assert calls[-1] == ("org/prefs", "train")
+
+
+def test_hf_load_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def load_dataset(name: str, split: str) -> list[dict[str, Any]]:
+        raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DataError, match=r"hf:nope/x:dev: cannot load dataset 'nope/x' split 'dev': Dataset 'nope/x'"):
+        load_pairs("hf:nope/x:dev")
 
 
 def test_hf_prefix_without_datasets_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,7 +178,8 @@ def test_split_hh_multi_turn() -> None:
 
 
 def test_hh_real_rows_split_into_shared_prompt_and_final_replies() -> None:
-    raw = [json.loads(line) for line in gzip.open(HH, "rt", encoding="utf-8")]
+    with gzip.open(HH, "rt", encoding="utf-8") as f:
+        raw = [json.loads(line) for line in f]
     rep = LoadReport()
     pairs = load_pairs(HH, skip_invalid=True, report=rep)
     assert (rep.kept, rep.skipped) == (39, 1)  # line 39: the chosen transcript ends in an empty reply
@@ -203,7 +213,8 @@ def test_hh_format_on_non_transcripts_names_the_field(tmp_path: Path) -> None:
 
 
 def _ae_raw() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in gzip.open(AE, "rt", encoding="utf-8")]
+    with gzip.open(AE, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def test_alpaca_eval_real_rows_orientation_ties_and_invalid() -> None:

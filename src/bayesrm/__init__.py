@@ -5,7 +5,7 @@ from bayesrm.data import DataError, Pair, load_pairs, split_by_prompt
 from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.objectives import SelectionSpec, parse_spec
-from bayesrm.train import TrainConfig, train
+from bayesrm.train import TrainConfig
 
 __version__ = "0.1.0"
 
@@ -28,5 +28,4 @@ __all__ = [
     "load_pairs",
     "parse_spec",
     "split_by_prompt",
-    "train",
 ]

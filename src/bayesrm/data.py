@@ -223,7 +223,10 @@ def _iter_hf(spec: str) -> Iterator[RowOrError]:
         raise DataError("'hf:' inputs need the `datasets` package (pip install datasets)", file=spec) from None
     parts = spec[3:].split(":")
     name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
-    ds = datasets.load_dataset(name, split=split)
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # not found, offline, bad split: `datasets` raises many types
+        raise DataError(f"cannot load dataset '{name}' split '{split}': {e}", file=spec) from None
     for i, row in enumerate(ds, 1):
         yield i, dict(row)
 
@@ -234,7 +237,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 SCHEMA_FIELDS = ("prompt", "chosen", "rejected", "id", "source")
 
 
-class _RowError(Exception):
+class _RowError(ValueError):
     """A bad value in one row: the (schema or column) field and what is wrong with it."""
 
     def __init__(self, field: str | None, message: str) -> None:
@@ -333,7 +336,7 @@ def _detect(row: Mapping[str, Any], fields: Mapping[str, str]) -> DataFormat:
 
 
 def validate_pair(pair: Pair) -> None:
-    """Raise `_RowError` if a pair cannot be trained on (non-text, empty or identical responses)."""
+    """Raise ValueError (with `.field`) if a pair cannot be trained on: non-text, empty or identical responses."""
     for name in ("prompt", "chosen", "rejected"):
         if not isinstance(getattr(pair, name), str):
             raise _RowError(name, f"expected text, got {type(getattr(pair, name)).__name__}")

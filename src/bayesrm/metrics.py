@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 def pairwise_accuracy(delta: torch.Tensor) -> float:
     """Fraction of pairs with r_w > r_l (ties count half)."""
+    if delta.numel() == 0:
+        raise ValueError("accuracy of zero pairs")
     return float(((delta > 0).double() + 0.5 * (delta == 0).double()).mean())
 
 
@@ -28,12 +30,16 @@ def probit_probability(mean_delta: torch.Tensor, var_delta: torch.Tensor) -> tor
 
 
 def expected_calibration_error(p_chosen: torch.Tensor, n_bins: int = 10) -> float:
-    """ECE of binary predictions, symmetrised: each pair is scored as both (p, 1) and (1−p, 0)."""
+    """ECE = Σ_b (n_b/n)|conf_b − acc_b| (Guo et al. 2017), `n_bins` equal bins of conf = max(p, 1−p) on [0.5, 1].
+
+    Symmetrised: each pair counts as both (p, y=1) and (1−p, y=0), so the order of a pair does not matter and p = 0.5
+    is half right. Bins are [lo, hi) with the last one closed; a value on an edge goes up despite rounding.
+    """
     p = torch.cat([p_chosen.double(), 1.0 - p_chosen.double()])
     y = torch.cat([torch.ones_like(p_chosen, dtype=torch.double), torch.zeros_like(p_chosen, dtype=torch.double)])
     conf = torch.maximum(p, 1 - p)
     correct = ((p >= 0.5).double() == y).double()
-    bins = torch.clamp((conf - 0.5) * 2 * n_bins, 0, n_bins - 1).long()
+    bins = torch.clamp(torch.floor((conf - 0.5) * 2 * n_bins + 1e-9), 0, n_bins - 1).long()  # (2N,)
     ece = torch.zeros((), dtype=torch.double)
     for b in range(n_bins):
         sel = bins == b

@@ -133,7 +133,8 @@ class RewardModel(nn.Module):
         from peft import LoraConfig, get_peft_model
 
         if base is None or tokenizer is None:
-            base, tokenizer = load_backbone(config)
+            with torch.random.fork_rng(devices=[]):  # weights missing from a checkpoint are drawn at random
+                base, tokenizer = load_backbone(config)
         self.config = config
         self.tokenizer = tokenizer
         self.encoder = is_encoder(base)

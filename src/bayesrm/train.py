@@ -38,7 +38,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     margin: float = 0.0  # BT margin m in −log σ(r_w − r_l − m)
     center_coef: float = 0.0  # weight of the reward-centering term (r_w + r_l)²
-    data_seed: int = 0  # data order (LoRA init is RMConfig.lora_seed)
+    data_seed: int = 0  # data order and dropout RNG (LoRA init is RMConfig.lora_seed)
     group_by_length: bool = True  # batches of similar length, in random order
     mixed_precision: str = "no"  # no | bf16 (autocast; bf16 also helps on AVX-512-BF16 CPUs)
     eval_batch_size: int = 32  # responses per scoring batch
