@@ -151,6 +151,7 @@ class RewardModel(nn.Module):
             self.head = nn.Linear(hidden, 1)
             nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
             nn.init.zeros_(self.head.bias)
+            self.head.bias.requires_grad_(False)  # BT sees only differences: the bias has no gradient signal
         # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
         self.lora_init: dict[str, torch.Tensor] = {
             n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
