@@ -8,19 +8,22 @@ from dense, materialised matrices.
 from __future__ import annotations
 
 import math
+import random
 import types
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import toy_pairs
+from scipy.stats import spearmanr
 from torch.func import functional_call, jacrev
 
 from bayesrm.data import Pair
 from bayesrm.laplace import (
     HEAD_KEY,
+    KronBlock,
     LaplaceConfig,
     LaplacePosterior,
     _batch_jacobians,
@@ -32,7 +35,6 @@ from bayesrm.metrics import probit_probability
 from bayesrm.model import RewardModel, pool_hidden
 from bayesrm.templates import collate
 from bayesrm.train import TrainConfig, train
-from conftest import toy_pairs
 
 Tensor = torch.Tensor
 KINDS = ["bert", "llama", "neox"]  # an encoder (first-token reward) and two decoders (last-token reward)
@@ -49,13 +51,13 @@ def _features64(self: RewardModel, input_ids: Tensor, attention_mask: Tensor) ->
 
 def _double(model: RewardModel) -> RewardModel:
     model.double().eval()
-    model.features = types.MethodType(_features64, model)  # type: ignore[method-assign]
+    model.features = types.MethodType(_features64, model)
     return model
 
 
 def _model(tiny_cfg: Callable[..., object], kind: str = "bert", seed: int | None = 0, **kw: object) -> RewardModel:
     """A tiny fp64 reward model; with `seed`, LoRA weights are random so that B ≠ 0 and every δ is non-zero."""
-    model = _double(RewardModel(tiny_cfg(kind, template="plain", **kw)))  # type: ignore[arg-type]
+    model = _double(RewardModel(tiny_cfg(kind, template="plain", **kw)))
     if seed is not None:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -143,8 +145,19 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 ID_PAIRS = toy_pairs(12, seed=7)  # held out, same vocabulary and prompts as training
-OOD_PROMPTS = ["translate this invoice into french please", "list every prime below fifty"] * 6
-OOD_RESPONSES = [" ".join(["zebra quantum volcano saxophone invoice glacier"] * (2 + i % 4)) for i in range(12)]
+_OOD_WORDS = ["zebra", "quantum", "volcano", "saxophone", "invoice", "glacier", "tractor", "pyramid", "oxygen",
+              "violin", "harbour", "cactus", "parliament", "molecule", "orchestra", "tunnel"]
+
+
+def _ood(n: int = 12, seed: int = 0) -> tuple[list[str], list[str]]:
+    """toy_pairs' prompt/response shapes and lengths, with every word from a vocabulary never seen in training."""
+    rng = random.Random(seed)
+    prompts = [f"{rng.choice(['translate', 'summarise', 'explain'])} {rng.choice(_OOD_WORDS)}" for _ in range(n)]
+    responses = [" ".join(rng.choice(_OOD_WORDS) for _ in range(rng.randint(2, 8))) for _ in range(n)]
+    return prompts, responses
+
+
+OOD_PROMPTS, OOD_RESPONSES = _ood()
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -167,13 +180,10 @@ def train_pairs() -> list[Pair]:
 @pytest.fixture(scope="module")
 def trained(tiny_cfg: Callable[..., object], train_pairs: list[Pair], tmp_path_factory: pytest.TempPathFactory
             ) -> RewardModel:
-    """A tiny bert RM trained 42 steps with lr 1e-2 (so B ≠ 0 and the MAP is not the init), then in fp64."""
-    model = RewardModel(tiny_cfg("bert", template="plain"))  # type: ignore[arg-type]
-    cfg = TrainConfig(epochs=7, lr=1e-2, batch_size=4, warmup_ratio=0.0, checkpoint_every=0)
-    with warnings.catch_warnings():
-        # train.py logs `float(loss)` on a tensor that requires grad (harmless; reported to its owner)
-        warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True", UserWarning)
-        train(model, train_pairs, cfg, tmp_path_factory.mktemp("train"), show_progress=False)
+    """A tiny bert RM trained 120 steps with lr 1e-2 (train NLL 0.006; 42 steps leave it at 0.52), then fp64."""
+    model = RewardModel(tiny_cfg("bert", template="plain"))
+    cfg = TrainConfig(epochs=20, lr=1e-2, batch_size=4, warmup_ratio=0.0, checkpoint_every=0)
+    train(model, train_pairs, cfg, tmp_path_factory.mktemp("train"), show_progress=False)
     return _double(model)
 
 
@@ -184,7 +194,7 @@ def post(trained: RewardModel, train_pairs: list[Pair]) -> LaplacePosterior:
 
 @pytest.fixture(scope="module")
 def factors(trained: RewardModel, train_pairs: list[Pair]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    G, A, _ = kfac_factors(trained, train_pairs, "reduce", batch_size=24)
+    G, A, _ = kfac_factors(trained, train_pairs, LaplaceConfig().kfac, batch_size=24)
     return G, A
 
 
@@ -242,7 +252,28 @@ def test_kronecker_block_of_one_token_row_is_the_exact_ggn_block(tiny_cfg: Calla
         assert float(exact[k].abs().max()) > 1e-6 * scale, k  # fused qkv: the v part always gets a gradient
 
 
-@pytest.mark.parametrize("variant", ["reduce", "expand"])
+def test_pair_kfac_is_exact_for_rank_one_lora_and_trace_exact(tiny_cfg: Callable[..., object]) -> None:
+    """PAIR factorises each J_Δ; with LoRA r = 1 every J_Δ (1 × i or o × 1) is rank one, so one pair is exact."""
+    pairs = toy_pairs(3, seed=6)
+    for r, n in ((1, 1), (2, 3)):
+        model = _model(tiny_cfg, "bert", lora_r=r, lora_alpha=2 * r)
+        keys = list(model.lora_parameters())
+        x, m = _pair_batch(model, pairs[:n])
+        Jr = _jac(model, x, m)
+        with torch.no_grad():
+            rw = model(x, m)
+        lam = torch.sigmoid(rw[:n] - rw[n:]) * torch.sigmoid(rw[n:] - rw[:n])
+        G, A, _ = kfac_factors(model, pairs[:n], "pair")
+        for k in keys:
+            Jd = (Jr[k][:n] - Jr[k][n:]).reshape(n, -1)  # (n, o·i), row-major
+            exact = (Jd.T * lam) @ Jd  # Σ_n Λ_n vec(J_Δ) vec(J_Δ)ᵀ
+            kf = torch.kron(G[k], A[k])
+            assert abs(float(kf.trace() / exact.trace()) - 1) < 1e-12, k  # trace-exact always
+            if r == 1:
+                assert _rel(kf, exact) < 1e-10, k
+
+
+@pytest.mark.parametrize("variant", ["pair", "reduce", "expand"])
 @pytest.mark.parametrize("kind", ["bert", "neox"])  # fp64 throughout (Llama's RMSNorm computes in fp32)
 def test_kfac_factors_equal_brute_force_token_einsums(tiny_cfg: Callable[..., object], kind: str,
                                                        variant: str) -> None:
@@ -251,10 +282,12 @@ def test_kfac_factors_equal_brute_force_token_einsums(tiny_cfg: Callable[..., ob
     keys = list(model.lora_parameters())
     G = {k: torch.zeros(1) for k in keys}
     A = {k: torch.zeros(1) for k in keys}
-    count, log_lik = 0, 0.0
+    count = dict.fromkeys(keys, 0.0)
+    log_lik = 0.0
     for p in pairs:  # one pair at a time: rows (w, l)
         x, m = _pair_batch(model, [p])
         a, d = _token_pieces(model, x, m)
+        J = _jac(model, x, m)
         with torch.no_grad():
             r = model(x, m)
         delta = r[0] - r[1]
@@ -262,24 +295,31 @@ def test_kfac_factors_equal_brute_force_token_einsums(tiny_cfg: Callable[..., ob
         log_lik += float(F.logsigmoid(delta))
         n_tok = m.sum(1)  # (2,)
         for k in keys:
+            if variant == "pair":  # the pair's exact Jacobian J_Δ = ∂Δ/∂θ_m (o, i), factorised as a whole
+                Jd = J[k][0] - J[k][1]
+                G[k] = G[k] + lam * Jd @ Jd.T
+                A[k] = A[k] + lam * Jd.T @ Jd
+                count[k] += lam * float(Jd.square().sum())
+                continue
             if variant == "reduce":  # ĝ = √Λ c_s Σ_t δ_t, ā = mean_t a_t over real tokens
                 gh = math.sqrt(lam) * torch.stack([d[k][0].sum(0), -d[k][1].sum(0)])  # (2, o)
                 ab = torch.stack([a[k][s][m[s] == 1].mean(0) for s in range(2)])  # (2, i)
                 G[k] = G[k] + gh.T @ gh
                 A[k] = A[k] + ab.T @ ab
+                count[k] += 2
             else:  # every real token its own row
                 dt = torch.cat([d[k][s][m[s] == 1] for s in range(2)])  # (M, o)
                 at = torch.cat([a[k][s][m[s] == 1] for s in range(2)])  # (M, i)
                 G[k] = G[k] + lam * dt.T @ dt
                 A[k] = A[k] + at.T @ at
-        count += 2 if variant == "reduce" else int(n_tok.sum())
+                count[k] += int(n_tok.sum())
     Gh, Ah, ll = kfac_factors(model, pairs, variant, batch_size=3)
     for k in keys:
-        assert _rel(Gh[k], G[k]) < 1e-10 and _rel(Ah[k], A[k] / count) < 1e-12, k
+        assert _rel(Gh[k], G[k]) < 1e-10 and _rel(Ah[k], A[k] / count[k]) < 1e-10, k
     assert abs(ll - log_lik) < 1e-12
 
 
-@pytest.mark.parametrize("variant", ["reduce", "expand"])
+@pytest.mark.parametrize("variant", ["pair", "reduce", "expand"])
 def test_kfac_factor_invariances(tiny_cfg: Callable[..., object], variant: str) -> None:
     model = _model(tiny_cfg, "neox")
     pairs = toy_pairs(6, seed=4)
@@ -288,7 +328,7 @@ def test_kfac_factor_invariances(tiny_cfg: Callable[..., object], variant: str) 
         Gb, Ab, llb = kfac_factors(model, pairs, variant, batch_size=bs)
         assert all(_rel(Gb[k], G[k]) < 1e-10 and _rel(Ab[k], A[k]) < 1e-10 for k in G)
         assert abs(llb - ll) < 1e-10
-    swapped = [Pair(p.prompt, p.rejected, p.chosen) for p in pairs]  # Λ and c_s² are label-free
+    swapped = [Pair(p.prompt, p.rejected, p.chosen) for p in pairs]  # Λ, c_s² and J_Δ J_Δᵀ are label-free
     Gs, As, _ = kfac_factors(model, swapped, variant, batch_size=4)
     assert all(_rel(Gs[k], G[k]) < 1e-10 and _rel(As[k], A[k]) < 1e-10 for k in G)
     Gd, Ad, lld = kfac_factors(model, pairs + pairs, variant, batch_size=4)  # G sums, A averages
@@ -301,7 +341,13 @@ def test_kfac_factor_invariances(tiny_cfg: Callable[..., object], variant: str) 
 
 def test_kfac_variances_rank_like_full_ggn_laplace(trained: RewardModel, train_pairs: list[Pair],
                                                    post: LaplacePosterior) -> None:
-    """Dense full-GGN Laplace (all A–B and cross-layer couplings) vs KFAC-reduce, same layerwise τ."""
+    """Dense full-GGN Laplace (every A–B and cross-layer coupling) vs block-diagonal KFAC, same layerwise τ.
+
+    Measured Spearman ρ over 36 ID + OOD responses on this fixture, all at pair's τ: pair 0.955, reduce 0.758
+    (at their own marglik τ: pair 0.955, expand 0.930, reduce 0.854). Across 24–120 training steps pair stayed
+    in 0.85–0.99 while reduce fell to 0.08 and expand to 0.43: per-response factors drop the −J_wᵀJ_l term
+    of J_Δᵀ J_Δ, which a shared prompt makes large. 0.9 leaves room for seeds and library versions.
+    """
     keys = list(post.blocks)
     n = len(train_pairs)
     x, m = _pair_batch(trained, train_pairs)
@@ -317,11 +363,15 @@ def test_kfac_variances_rank_like_full_ggn_laplace(trained: RewardModel, train_p
     responses = [p.chosen for p in ID_PAIRS] + [p.rejected for p in ID_PAIRS] + OOD_RESPONSES
     Jt = _flat(_jac(trained, *_batch(trained, prompts, responses)), keys)
     v_full = ((Jt @ cov) * Jt).sum(1)
-    _, v_kfac = post.predict(trained, prompts, responses)
-    from scipy.stats import spearmanr
-
-    rho = float(spearmanr(v_full.numpy(), v_kfac.numpy()).statistic)
-    assert rho >= 0.9, rho  # measured 0.97 on this seed (n = 36 responses)
+    rho = {}
+    for variant in ("pair", "reduce"):
+        p = post if variant == post.cfg.kfac else fit_laplace(trained, train_pairs, LaplaceConfig(kfac=variant))
+        p.tau = post.tau  # the same prior for every approximation
+        _, v_kfac = p.predict(trained, prompts, responses)
+        rho[variant] = float(spearmanr(v_full.numpy(), v_kfac.numpy()).statistic)
+    assert post.cfg.kfac == "pair" and rho["pair"] >= 0.9 and rho["pair"] > rho["reduce"], rho
+    _, v_pair = post.predict(trained, prompts, responses)
+    assert abs(float(v_pair.mean() / v_full.mean()) - 1) < 0.1  # and the scale (measured 0.98)
 
 
 # ------------------------------------------------------------------------------------------------ T4/T5 algebra
@@ -424,7 +474,7 @@ def test_marglik_matches_dense_and_tau_is_its_maximiser(trained: RewardModel, tr
     tau = {k: float(10 ** (4 * torch.rand(1, generator=gen) - 2)) for k in keys}
     dense = post.log_lik + sum(_dense_objective(terms, [k], tau[k]) for k in keys)
     assert abs(post.log_marginal_likelihood(tau) - dense) < 1e-10 * abs(dense)
-    p = LaplacePosterior(post.blocks, post.cfg, post.n_data, post.log_lik)
+    p = LaplacePosterior(post.blocks, post.cfg, post.n_data, post.log_lik)  # τ = 1 everywhere
     t_ml = p.optimize_prior_precision("marglik", structure)
     groups = [[k] for k in keys] if structure == "layerwise" else [keys]
     for grp in groups:  # a fine grid of the dense objective peaks at the optimiser's τ (within one step)
@@ -436,7 +486,8 @@ def test_marglik_matches_dense_and_tau_is_its_maximiser(trained: RewardModel, tr
         best = int(vals.argmax())
         assert 0 < best < len(grid) - 1 and abs(float(grid[best]) / t - 1) < 2.5e-3
         assert _dense_objective(terms, grp, t) >= float(vals.max()) - 1e-12 * abs(float(vals.max()))
-    t_mk = p.optimize_prior_precision("mackay", structure)  # same stationary condition τ = γ / ‖θ* − μ0‖²
+    p.tau = dict.fromkeys(keys, 1.0)  # MacKay from τ = 1: same stationary condition τ = γ / ‖θ* − μ0‖²
+    t_mk = p.optimize_prior_precision("mackay", structure)
     assert all(abs(t_mk[k] / t_ml[k] - 1) < 1e-4 for k in keys), (t_mk, t_ml)
 
 
@@ -472,10 +523,24 @@ def test_monte_carlo_linearised_predictive(trained: RewardModel, post: LaplacePo
 
 
 def test_sigma_grows_out_of_distribution(trained: RewardModel, post: LaplacePosterior) -> None:
-    _, v_id = post.predict(trained, [p.prompt for p in ID_PAIRS] * 2,
-                           [p.chosen for p in ID_PAIRS] + [p.rejected for p in ID_PAIRS])
+    """Unseen vocabulary, same lengths: σ² and the share of the prior variance the data left are both larger.
+
+    Measured on this fixture: mean σ² OOD/ID = 1.23, prior share 0.70 vs 0.67. Raw σ² mixes in ‖J‖² (how
+    sensitive r is to θ), which the shift need not raise: after 24–60 steps the ratio was 0.96–1.00 while
+    the prior share was larger OOD at every training length (0.986 vs 0.976 … 0.876 vs 0.808).
+    """
+    id_prompts = [p.prompt for p in ID_PAIRS] * 2
+    id_responses = [p.chosen for p in ID_PAIRS] + [p.rejected for p in ID_PAIRS]
+    prior = LaplacePosterior({k: KronBlock(0 * b.g_vals, b.g_vecs, 0.0, 0 * b.a_vals, b.a_vecs, 0.0, b.theta, b.mu0)
+                              for k, b in post.blocks.items()}, post.cfg, post.n_data, post.log_lik)
+    prior.tau = post.tau  # no curvature: σ² = Σ_m ‖J_m‖² / τ_m
+    _, v_id = post.predict(trained, id_prompts, id_responses)
     _, v_ood = post.predict(trained, OOD_PROMPTS, OOD_RESPONSES)
-    assert float(v_ood.mean()) > 1.5 * float(v_id.mean()), (float(v_ood.mean()), float(v_id.mean()))
+    _, p_id = prior.predict(trained, id_prompts, id_responses)
+    _, p_ood = prior.predict(trained, OOD_PROMPTS, OOD_RESPONSES)
+    assert float(v_ood.mean()) > float(v_id.mean()), (float(v_ood.mean()), float(v_id.mean()))
+    assert float((v_ood / p_ood).mean()) > float((v_id / p_id).mean()) + 0.02
+    assert bool((v_id <= p_id).all() and (v_ood <= p_ood).all())  # data only ever removes variance
 
 
 @pytest.mark.parametrize("subset", ["lora", "head"])
@@ -494,7 +559,21 @@ def test_save_load_round_trip(trained: RewardModel, train_pairs: list[Pair], tmp
 
 
 def test_marglik_tau_is_interior_after_training(post: LaplacePosterior) -> None:
-    assert all(1e-5 < t < 1e7 and math.isfinite(t) for t in post.tau.values()), post.tau
+    assert all(1e-5 < t < 1e7 and math.isfinite(t) for t in post.tau.values()), post.tau  # measured 0.026–0.33
+
+
+def test_fit_before_training_is_degenerate_but_finite(tiny_cfg: Callable[..., object]) -> None:
+    """At init B = 0, so J_A = 0 and θ*_A = μ0 (prior_mean='init'): the evidence is flat in τ_A, which is kept;
+    θ*_B = μ0 = 0 makes it prefer an infinitely tight prior, so τ_B runs to the upper bound (σ² ≈ 0)."""
+    model = _model(tiny_cfg, "bert", seed=None)
+    p = fit_laplace(model, toy_pairs(6), LaplaceConfig(prior_precision=2.0))
+    for k, b in p.blocks.items():
+        if ".lora_A." in k:
+            assert p.tau[k] == 2.0 and float(b.g_vals.abs().max()) == 0.0, k
+        else:
+            assert p.tau[k] > 1e7, k
+    _, var = p.predict(model, ["question 1 about cats"], ["good kind"])
+    assert bool(torch.isfinite(var).all() and (var >= 0).all())
 
 
 # ------------------------------------------------------------------------------------------------ head-only
@@ -524,16 +603,14 @@ def test_head_laplace_is_exact(trained: RewardModel, train_pairs: list[Pair]) ->
     mean, var = p.predict(trained, prompts, responses)
     assert _rel(var, ((Jt @ cov) * Jt).sum(1)) < 1e-10 and _rel(mean, trained(xt, mt).detach()) < 1e-12
     k = len(ID_PAIRS)
-    Jp = _jac_head_pairs = Jt[:k]  # chosen rows; rejected below
     Jl = jacrev(lambda w: functional_call(trained, {"head.weight": w[:-1].unsqueeze(0), "head.bias": w[-1:]},
                                           _batch(trained, prompts[:k], [q.rejected for q in ID_PAIRS])))(theta)
-    Jd = Jp - Jl.detach()
+    Jd = Jt[:k] - Jl.detach()  # J_Δ: the bias cancels
     _, vd = p.predict_pairs(trained, ID_PAIRS)
-    assert _rel(vd, ((Jd @ cov) * Jd).sum(1)) < 1e-10
-    del _jac_head_pairs
+    assert _rel(vd, ((Jd @ cov) * Jd).sum(1)) < 1e-10 and float(Jd[:, -1].abs().max()) == 0.0
     # evidence: dense formula, τ search = fine grid optimum = MacKay
     sign, logdet = torch.linalg.slogdet(H + tau * torch.eye(len(theta), dtype=torch.double))
-    dense = -float(loss(theta)) - 0.5 * (float(logdet) - len(theta) * math.log(tau)) - 0.5 * tau * float(
+    dense = -float(loss(theta).detach()) - 0.5 * (float(logdet) - len(theta) * math.log(tau)) - 0.5 * tau * float(
         theta.square().sum())
     assert float(sign) > 0 and abs(p.log_marginal_likelihood() - dense) < 1e-10 * abs(dense)
     t_ml = p.optimize_prior_precision("marglik")[HEAD_KEY]
@@ -542,5 +619,6 @@ def test_head_laplace_is_exact(trained: RewardModel, train_pairs: list[Pair]) ->
     grid = t_ml * torch.logspace(-1, 1, 2001, dtype=torch.double)
     vals = torch.tensor([_dense_objective(terms, [HEAD_KEY], float(s)) for s in grid], dtype=torch.double)
     assert 1e-5 < t_ml < 1e7 and abs(float(grid[int(vals.argmax())]) / t_ml - 1) < 2.5e-3
+    p.tau = {HEAD_KEY: 1.0}
     t_mk = p.optimize_prior_precision("mackay")[HEAD_KEY]
     assert abs(t_mk / t_ml - 1) < 1e-4

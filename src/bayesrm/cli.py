@@ -150,7 +150,8 @@ def laplace_cmd(
     model_dir: Annotated[Path, typer.Argument(help="trained model (run dir or model dir)")],
     data: Annotated[str, typer.Argument(help="the pairs the model was trained on")],
     val_data: Annotated[str | None, typer.Option(help="validation pairs (for --tau-method val_nll)")] = None,
-    kfac: Annotated[str, typer.Option(help="reduce | expand")] = "reduce",
+    kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = "pair",
+    subset: Annotated[str, typer.Option(help="lora (Laplace-LoRA) | head (last-layer baseline)")] = "lora",
     tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = "marglik",
     prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = "layerwise",
     prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = 1.0,
@@ -169,7 +170,7 @@ def laplace_cmd(
     model = RewardModel.load(model_dir)
     pairs = _load(data, format, field, skip_invalid, limit)
     val = _load(val_data, format, field, skip_invalid) if val_data else []
-    cfg = LaplaceConfig(kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
+    cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
                         prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
                         batch_size=batch_size)
     with progress_bar("KFAC fit (pairs)", len(pairs), console) as advance:

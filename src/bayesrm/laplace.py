@@ -1,9 +1,12 @@
-"""Laplace-LoRA for Bradley–Terry reward models (Yang et al. 2024; derivation in shared/papers/laplace-lora.md).
+"""Laplace-LoRA for Bradley–Terry reward models (Yang et al. 2024; derivation in shared/papers/laplace-lora.md,
+cited below as §N).
 
 The posterior over every LoRA tensor θ_m (each `lora_A` and `lora_B` weight) is Gaussian at the MAP with
-precision P_m = G_m ⊗ A_m / T + τ_m I (KFAC of the BT GGN, G summed over responses, A averaged), stored as
-eigendecompositions, optionally rank-k on the large side. Rewards are predicted with the linearised model:
+precision P_m = G_m ⊗ A_m / T + τ_m I (a Kronecker factorisation of the BT GGN; see `kfac_factors`), stored
+as eigendecompositions, optionally rank-k on the large side. Rewards are predicted with the linearised model:
 r ~ N(r_MAP, J Σ Jᵀ), computed from one forward and one backward pass with hooks, never forming J.
+`subset="head"` is a last-layer baseline: the exact GGN over the scalar head's [w, b] with full covariance,
+stored as the single block 1 ⊗ GGN so that every formula below applies unchanged.
 
 Spectral bookkeeping: each factor is kept as k eigenpairs plus a "complement" of the remaining d − k
 directions with one shared eigenvalue ρ (0, or the trace-preserving mean of the dropped eigenvalues). The
@@ -39,7 +42,8 @@ HEAD_KEY = "head"  # block name of the head-only posterior over [head.weight, he
 class KFACVariant(str, Enum):
     """How per-token curvature is collapsed into Kronecker factors (Eschenhagen et al. 2023)."""
 
-    REDUCE = "reduce"  # one row per response: ĝ = Σ_t g_t, ā = mean_t a_t (default; a BT reward is a reduce setting)
+    PAIR = "pair"  # factorise each pair's exact J_Δ: G = Σ Λ J_Δ J_Δᵀ, A = Σ Λ J_Δᵀ J_Δ / Σ Λ‖J_Δ‖² (default)
+    REDUCE = "reduce"  # one row per response: ĝ = Σ_t g_t, ā = mean_t a_t
     EXPAND = "expand"  # one row per token: G = Σ g gᵀ, A = mean over real tokens of a aᵀ
 
 
@@ -71,7 +75,7 @@ class TauMethod(str, Enum):
 
 def factor_eig(F_: torch.Tensor, rank: int | None = None, trace_complement: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Eigenpairs of a symmetric PSD factor in fp64, descending, clamped ≥ 0, optionally top-`rank`.
+    """Eigenpairs of a symmetric PSD factor in fp64, descending, clamped ≥ 0, optionally top-`rank` (§4).
 
     Returns (eigvals (k,), eigvecs (d, k), ρ) where ρ is the eigenvalue given to the d − k dropped
     directions: 0, or (tr F − Σ kept)/(d − k) with `trace_complement` (shared/papers/laplace-lora.md §4).
@@ -79,17 +83,17 @@ def factor_eig(F_: torch.Tensor, rank: int | None = None, trace_complement: bool
     Fd = F_.double()
     Fd = 0.5 * (Fd + Fd.T)
     vals, vecs = torch.linalg.eigh(Fd)
-    vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1)
+    vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1).contiguous()
     d = vals.numel()
     if rank is None or rank >= d:
         return vals, vecs, 0.0
     rho = float(vals[rank:].sum() / (d - rank)) if trace_complement else 0.0
-    return vals[:rank], vecs[:, :rank], rho
+    return vals[:rank].contiguous(), vecs[:, :rank].contiguous(), rho  # same layout as after save/load
 
 
 def spectrum_grid(g_vals: torch.Tensor, g_dim: int, g_rho: float, a_vals: torch.Tensor, a_dim: int,
                   a_rho: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kronecker eigenvalue products λ_Gi λ_Aj on the (k_G+1)×(k_A+1) grid, and their multiplicities."""
+    """Kronecker eigenvalue products λ_Gi λ_Aj on the (k_G+1)×(k_A+1) grid, and their multiplicities (§4)."""
     g = torch.cat([g_vals, g_vals.new_tensor([g_rho])])
     a = torch.cat([a_vals, a_vals.new_tensor([a_rho])])
     gm = torch.cat([torch.ones_like(g_vals), g_vals.new_tensor([g_dim - g_vals.numel()])])
@@ -98,7 +102,7 @@ def spectrum_grid(g_vals: torch.Tensor, g_dim: int, g_rho: float, a_vals: torch.
 
 
 def project_jacobian(J: torch.Tensor, Ug: torch.Tensor, Ua: torch.Tensor) -> torch.Tensor:
-    """Squared norms of J (B, o, i) in each cell of the eigen-grid: (B, k_G+1, k_A+1), last row/col = complement.
+    """Squared norms of Ĵ = U_Gᵀ J U_A per eigen-grid cell, (B, k_G+1, k_A+1), last row/col = complement (§4).
 
     Ĵ = U_Gᵀ J U_A gives the kept×kept cells; the complement cells hold what the kept bases miss.
     """
@@ -129,14 +133,14 @@ def kron_logdet_ratio(lam: torch.Tensor, mult: torch.Tensor, tau: float, tempera
 
 
 def effective_dim(lam: torch.Tensor, mult: torch.Tensor, tau: float, temperature: float = 1.0) -> torch.Tensor:
-    """γ = Σ mult · (λλ/T) / (λλ/T + τ), the number of well-determined parameters (MacKay 1992)."""
+    """γ = Σ mult · (λλ/T) / (λλ/T + τ), the number of well-determined parameters (MacKay 1992; §6)."""
     x = lam / temperature
     return (mult * x / (x + tau)).sum()
 
 
 def laplace_log_marglik(log_lik: float, logdet_ratio: torch.Tensor, scatter: torch.Tensor,
                         tau: torch.Tensor) -> torch.Tensor:
-    """Laplace evidence log p(D|τ) ≈ log p(D|θ*) − ½(Σ log det P_m/P0_m + Σ τ_m ‖θ*_m − μ0_m‖²)."""
+    """Laplace evidence log p(D|τ) ≈ log p(D|θ*) − ½(Σ log det P_m/P0_m + Σ τ_m ‖θ*_m − μ0_m‖²) (§5)."""
     return log_lik - 0.5 * (logdet_ratio.sum() + (tau * scatter).sum())
 
 
@@ -144,7 +148,7 @@ def laplace_log_marglik(log_lik: float, logdet_ratio: torch.Tensor, scatter: tor
 
 
 def lora_modules(model: RewardModel) -> dict[str, nn.Linear]:
-    """The `lora_A` / `lora_B` linear modules of the active adapter, keyed by their weight's name."""
+    """The `lora_A` / `lora_B` linear modules of the active adapter, keyed by their weight's name (§0)."""
     out: dict[str, nn.Linear] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and (".lora_A." in name or ".lora_B." in name) and mod.weight.requires_grad:
@@ -162,7 +166,7 @@ class _Capture:
 
 @contextmanager
 def capture_lora_io(modules: dict[str, nn.Linear]) -> Iterator[_Capture]:
-    """Record each LoRA module's input and output tensor during a forward pass."""
+    """Record each LoRA module's input a_t and output o_t = W a_t during a forward pass (§0, §7)."""
     cap = _Capture()
     handles = []
     for name, mod in modules.items():
@@ -212,7 +216,7 @@ def head_features(model: RewardModel, x: torch.Tensor, m: torch.Tensor) -> tuple
 
 
 def head_theta(model: RewardModel) -> torch.Tensor:
-    """The head's parameters as one (1, d+1) row [w, b], the head-only posterior's variable."""
+    """The head's parameters as one (1, d+1) row [w, b], the variable of the head-only posterior (r = [w, b]·φ)."""
     return torch.cat([model.head.weight, model.head.bias.unsqueeze(-1)], dim=-1).detach()
 
 
@@ -245,9 +249,11 @@ class KronBlock:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(o, i) of the weight."""
         return int(self.g_vecs.shape[0]), int(self.a_vecs.shape[0])
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalue products λ_Gi λ_Aj and multiplicities of this block (§4)."""
         o, i = self.shape
         return spectrum_grid(self.g_vals, o, self.g_rho, self.a_vals, i, self.a_rho)
 
@@ -257,7 +263,7 @@ class LaplaceConfig:
     """Settings of the post-hoc Laplace fit."""
 
     subset: str = Subset.LORA.value  # lora (KFAC over LoRA tensors) | head (exact GGN over the head, baseline)
-    kfac: str = KFACVariant.REDUCE.value  # reduce | expand
+    kfac: str = KFACVariant.PAIR.value  # pair | reduce | expand (pair keeps the w/l cross term; see kfac_factors)
     rank: int | None = None  # keep this many eigenpairs of factors larger than `lowrank_threshold`
     lowrank_threshold: int = 2048  # factor side from which `rank` applies (hidden ≥ 2048)
     trace_complement: bool = True  # give dropped directions the mean dropped eigenvalue instead of 0
@@ -270,7 +276,7 @@ class LaplaceConfig:
 
 
 class LaplacePosterior:
-    """Kronecker-factored Laplace posterior over a reward model's LoRA weights."""
+    """Kronecker-factored Laplace posterior over a reward model's LoRA weights (or its head: `cfg.subset`)."""
 
     def __init__(self, blocks: dict[str, KronBlock], cfg: LaplaceConfig, n_data: int, log_lik: float) -> None:
         self.blocks = blocks
@@ -282,11 +288,11 @@ class LaplacePosterior:
 
     # ------------------------------------------------------------------ evidence
     def scatter(self) -> dict[str, float]:
-        """‖θ*_m − μ0_m‖² per tensor."""
+        """‖θ*_m − μ0_m‖² per tensor, the scatter term of the evidence (§5)."""
         return {k: float((b.theta.double() - b.mu0.double()).square().sum()) for k, b in self.blocks.items()}
 
     def log_marginal_likelihood(self, tau: dict[str, float] | float | None = None) -> float:
-        """Laplace log evidence at prior precision τ (scalar or per tensor); 2π terms cancel."""
+        """Laplace log evidence at prior precision τ (scalar or per tensor), §5; 2π terms cancel."""
         taus = self._taus(tau)
         T = self.cfg.temperature
         sc = self.scatter()
@@ -307,7 +313,7 @@ class LaplacePosterior:
                                  val_data: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
                                  bounds: tuple[float, float] = (1e-6, 1e8)) -> dict[str, float]:
         """Choose τ by marginal likelihood (exact 1-D maximisation; separable per tensor), MacKay's fixed
-        point, or a validation-NLL grid (`val_data` from `pair_cache`). Sets and returns self.tau."""
+        point, or a validation-NLL grid (`val_data` from `pair_cache`). Sets self.tau, returns a copy (§6)."""
         from scipy.optimize import minimize_scalar
 
         meth = TauMethod(method or self.cfg.tau_method)
@@ -318,7 +324,7 @@ class LaplacePosterior:
         keys = list(self.blocks)
         groups = [[k] for k in keys] if struct is PriorStructure.LAYERWISE else [keys]
         if meth is TauMethod.FIXED:
-            return self.tau
+            return dict(self.tau)
         if meth is TauMethod.VAL_NLL:
             if val_data is None:
                 raise ValueError("tau_method 'val_nll' needs validation pairs")
@@ -329,8 +335,10 @@ class LaplacePosterior:
             nll = [self._val_nll(mu, S, float(t)) for t in grid]
             best = float(grid[int(np.argmin(nll))])
             self.tau = {k: best for k in keys}
-            return self.tau
+            return dict(self.tau)
         for grp in groups:
+            if all(sc[k] == 0 and float(self._grids[k][0].max()) <= 0 for k in grp):
+                continue  # no curvature and θ* = μ0 (e.g. LoRA A before training): flat evidence, keep τ
             if meth is TauMethod.MARGLIK:
                 def neg(log_t: float, grp: list[str] = grp) -> float:
                     t = math.exp(log_t)
@@ -349,7 +357,7 @@ class LaplacePosterior:
                     t_best = new
             for k in grp:
                 self.tau[k] = t_best
-        return self.tau
+        return dict(self.tau)
 
     def _val_nll(self, mu: torch.Tensor, S: dict[str, torch.Tensor], tau: float) -> float:
         var = sum(kron_variance(S[k], self._grids[k][0], tau, self.cfg.temperature) for k in self.blocks)
@@ -384,7 +392,7 @@ class LaplacePosterior:
 
     def predict(self, model: RewardModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Linearised predictive N(r_MAP, σ²) per response: returns (mean (N,), var (N,)) in input order."""
+        """Linearised predictive N(r_MAP, J Σ Jᵀ) per response (§7): (mean (N,), var (N,)) in input order."""
         model.eval()
         ids = model.encode(prompts, responses)
         mean, var = torch.empty(len(ids), dtype=torch.double), torch.empty(len(ids), dtype=torch.double)
@@ -399,7 +407,7 @@ class LaplacePosterior:
 
     def pair_cache(self, model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """μ_Δ per pair and the τ-independent grids S of J_Δ per tensor (so any τ is evaluated without backprop)."""
+        """μ_Δ per pair and the τ-independent grids S of J_Δ per tensor, to evaluate any τ without backprop (§6)."""
         model.eval()
         mus: list[torch.Tensor] = []
         Ss: dict[str, list[torch.Tensor]] = {k: [] for k in self.blocks}
@@ -414,7 +422,7 @@ class LaplacePosterior:
 
     def predict_pairs(self, model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ_Δ, Var(Δ)) per pair, with Var(Δ) from J_Δ = J_w − J_l (includes −2 Cov(r_w, r_l))."""
+        """(μ_Δ, Var(Δ)) per pair, Var(Δ) = J_Δ Σ J_Δᵀ with J_Δ = J_w − J_l, so it includes −2 Cov(r_w, r_l) (§7)."""
         mu, S = self.pair_cache(model, pairs, batch_size)
         var = sum(kron_variance(S[k], self._grids[k][0], self.tau[k], self.cfg.temperature) for k in self.blocks)
         return mu, torch.as_tensor(var, dtype=torch.double)
@@ -469,13 +477,17 @@ class LaplacePosterior:
 # --------------------------------------------------------------------------- fitting
 
 
-def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant | str = KFACVariant.REDUCE,
+def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant | str = KFACVariant.PAIR,
                  batch_size: int = 8, progress: Callable[[int], None] | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
-    """KFAC factors (G summed, A averaged) of the exact BT GGN Σ_n p_n(1−p_n) J_Δᵀ J_Δ, and log p(D|θ*).
+    """KFAC factors G_m, A_m with G ⊗ A ≈ the exact BT GGN block Σ_n Λ_n vec(J_Δ)vec(J_Δ)ᵀ (§3), and log p(D|θ*).
 
     One backward of Σ_n stopgrad(√Λ_n)·Δ_n per batch makes the hooks see g = √Λ_n · c_s · δ (c_w = +1,
-    c_l = −1); Λ goes into G only. REDUCE: G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with ĝ = Σ_t g_t,
+    c_l = −1); Λ goes into G only, except for PAIR. PAIR: with J̃_n = √Λ_n J_Δ,n = Σ_{s,t} g aᵀ (o × i),
+    G = Σ_n J̃ J̃ᵀ and A = Σ_n J̃ᵀ J̃ / Σ_n ‖J̃‖², the first power-iteration step towards the Frobenius-optimal
+    Kronecker factorisation (Shampoo's factors; Morwani et al. 2024): tr(G ⊗ A) is exact, it is exact when
+    every J_Δ is rank one (LoRA r = 1), and unlike the per-response variants it keeps the −J_wᵀJ_l cross
+    term, which a shared prompt makes large. REDUCE: G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with ĝ = Σ_t g_t,
     ā = mean over real tokens of a_t. EXPAND: G = Σ_{n,s,t} g gᵀ, A = (1/M) Σ a aᵀ over M real tokens.
     """
     var = KFACVariant(variant)
@@ -483,7 +495,8 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
     model.eval()
     G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double) for k, m in modules.items()}
     A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double) for k, m in modules.items()}
-    count, log_lik = 0, 0.0
+    norm = dict.fromkeys(modules, 0.0)  # what A is divided by: rows, tokens, or Σ ‖J̃‖² (PAIR)
+    log_lik = 0.0
     for B, x, m in _pair_batches(model, pairs, batch_size):
 
         def weights(r: torch.Tensor, B: int = B) -> torch.Tensor:
@@ -495,21 +508,28 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
         log_lik += float(F.logsigmoid(r[:B] - r[B:]).double().sum())
         mask = m.double()  # (2B, T)
         for k in modules:
-            if var is KFACVariant.REDUCE:
+            if var is KFACVariant.PAIR:
+                J = torch.einsum("bto,bti->boi", g[k], a[k]).double()  # (2B, o, i), row l already signed
+                J = J[:B] + J[B:]  # J̃ = √Λ (J_w − J_l)
+                G[k] += torch.einsum("boi,bpi->op", J, J).cpu()
+                A[k] += torch.einsum("boi,boj->ij", J, J).cpu()
+                norm[k] += float(J.square().sum())
+            elif var is KFACVariant.REDUCE:
                 gh = g[k].sum(1).double()  # (2B, o)
                 ab = a[k].sum(1).double() / mask.sum(1, keepdim=True)  # (2B, i)
                 G[k] += (gh.T @ gh).cpu()
                 A[k] += (ab.T @ ab).cpu()
+                norm[k] += 2 * B
             else:
-                gt = g[k].reshape(-1, g[k].shape[-1]).double()
-                at = a[k].reshape(-1, a[k].shape[-1]).double()
+                gt = g[k].reshape(-1, g[k].shape[-1]).double()  # (2B·T, o)
+                at = a[k].reshape(-1, a[k].shape[-1]).double()  # (2B·T, i)
                 G[k] += (gt.T @ gt).cpu()
                 A[k] += (at.T @ at).cpu()
-        count += 2 * B if var is KFACVariant.REDUCE else int(m.sum())
+                norm[k] += float(mask.sum())
         if progress is not None:
             progress(B)
     for k in A:
-        A[k] /= max(count, 1)
+        A[k] /= norm[k] if norm[k] > 0 else 1.0
     return G, A, log_lik
 
 
@@ -536,10 +556,12 @@ def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
 def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | None = None,
                 val_pairs: Sequence[Pair] = (), progress: Callable[[int], None] | None = None,
                 init_lora: dict[str, torch.Tensor] | None = None) -> LaplacePosterior:
-    """Fit a KFAC Laplace posterior at the model's current (MAP) LoRA weights and tune τ.
+    """Fit the Laplace posterior P = GGN/T + τI (§5) at the model's current (MAP) weights and tune τ (§6).
 
-    `init_lora` gives the LoRA weights at initialisation (prior mean of A under prior_mean='init'); by
-    default the model's saved initial adapter is used when it has one, else 0.
+    `cfg.subset="lora"`: KFAC blocks over every LoRA tensor (`kfac_factors`). `"head"`: the exact GGN over the
+    scalar head's [w, b] (`head_ggn`), full (d+1)² covariance, prior mean 0. `init_lora` gives the LoRA
+    weights at initialisation (prior mean of A under prior_mean='init'); by default the model's saved initial
+    adapter is used when it has one, else 0.
     """
     cfg = cfg or LaplaceConfig()
     if not pairs:

@@ -158,10 +158,11 @@ class RewardModel(nn.Module):
 
     # ------------------------------------------------------------------ forward / scoring
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled hidden state at the reward token, (B, d), float32."""
+        """Pooled hidden state at the reward token, (B, d), at least float32."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, d)
-        return pool_hidden(h, attention_mask, self.pooling).float()
+        pooled = pool_hidden(h, attention_mask, self.pooling)
+        return pooled.to(torch.promote_types(pooled.dtype, torch.float32))  # upcast bf16/fp16; keep fp64
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards (B,)."""
