@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -104,6 +105,7 @@ def train_cmd(
     mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = "no",
     max_steps: int | None = None,
     limit: Annotated[int | None, typer.Option(help="use only the first N pairs")] = None,
+    sample: Annotated[int | None, typer.Option(help="use a random N pairs (seeded by --split-seed)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint")] = False,
     format: FormatOpt = DataFormat.AUTO.value,
     field: FieldOpt = None,
@@ -114,6 +116,8 @@ def train_cmd(
     from bayesrm.train import TrainConfig, train
 
     pairs = _load(data, format, field, skip_invalid, limit)
+    if sample is not None and sample < len(pairs):
+        pairs = [pairs[i] for i in sorted(random.Random(split_seed).sample(range(len(pairs)), sample))]
     if eval_data:
         train_pairs, eval_pairs = pairs, _load(eval_data, format, field, skip_invalid)
     else:

@@ -85,8 +85,8 @@ def encode(
     if budget < 1:
         raise ValueError(f"max_length={max_length} leaves no room for text")
     parts = [render(t, p, r, tokenizer) for p, r in zip(prompts, responses, strict=True)]
-    pre_ids = tokenizer([a for a, _ in parts], add_special_tokens=False)["input_ids"]
-    res_ids = tokenizer([b for _, b in parts], add_special_tokens=False)["input_ids"]
+    pre_ids = tokenizer([a for a, _ in parts], add_special_tokens=False, verbose=False)["input_ids"]
+    res_ids = tokenizer([b for _, b in parts], add_special_tokens=False, verbose=False)["input_ids"]
     out = []
     for pre, res in zip(pre_ids, res_ids, strict=True):
         if t is Template.CHAT:
