@@ -58,9 +58,9 @@ def _fill(cls: Any, data: dict[str, Any], where: str) -> Any:
     unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; valid: {sorted(known)}")
-    kw = {}
+    kw, defaults = {}, cls()
     for k, v in data.items():
-        default = getattr(cls(), k) if cls is not RMConfig or k != "extra" else {}
+        default = getattr(defaults, k)
         if is_dataclass(default) and isinstance(v, dict):
             kw[k] = _fill(type(default), v, f"{where}.{k}")
         else:
