@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bayesrm.bon import BonCurve, bon_curve, default_ns
-from bayesrm.data import Pair, split_prompts
+from bayesrm.data import Pair, save_pairs, split_prompts
 from bayesrm.gold import label_pairs_from_gold
 from bayesrm.io import atomic_path, atomic_write_json, atomic_write_text
 from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, LaplacePosterior, fit_laplace
@@ -136,6 +136,9 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
                                         cfg.seed)
     val_pairs = label_pairs_from_gold(pool.subset(va), cfg.pairs_per_prompt, 0.0, seed=cfg.seed + 1)
     eval_pool = pool.subset(ev)
+    save_pairs(train_pairs, out / "data" / "train.jsonl")  # the gold-labelled (noisy) proxy training pairs
+    save_pairs(val_pairs, out / "data" / "val.jsonl")
+    eval_pool.save_jsonl(out / "data" / "eval_pool.jsonl")
     log(f"pool: {len(pool)} prompts ({pool.meta.get('policy', 'pool')}); train {len(tr)} prompts / "
         f"{len(train_pairs)} pairs (noise {cfg.label_noise}), val {len(va)} prompts / {len(val_pairs)} pairs, "
         f"BoN eval {len(ev)} prompts × ~{int(np.mean(eval_pool.sizes()))} candidates")
