@@ -46,6 +46,7 @@ class BonConfig:
     members: int = 1  # proxy RMs with different LoRA-init and data-order seeds (>1 enables ens/la-ens)
     methods: list[str] = field(default_factory=lambda: ["map", "la:std:k=1", "la:var:k=1"])
     k_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    calib_pairs: int = 1000  # validation pairs used for the MAP vs Laplace calibration table
     score_batch_size: int = 16
     n_boot: int = 1000
     model: RMConfig = field(default_factory=RMConfig)
@@ -168,7 +169,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
                             "tau_min": taus[0], "tau_median": taus[len(taus) // 2], "tau_max": taus[-1],
                             "log_marglik": post.log_marginal_likelihood()})
         if val_pairs:
-            mu, vd = post.predict_pairs(model, val_pairs)
+            mu, vd = post.predict_pairs(model, val_pairs[: cfg.calib_pairs])
             calib[f"member_{i}"] = {f"map_{k}": v for k, v in pair_metrics(mu).items()} | {
                 f"la_{k}": v for k, v in pair_metrics(mu, vd).items()}
 
@@ -255,8 +256,8 @@ def pair_eval(model: RewardModel, pairs: list[Pair], post: LaplacePosterior | No
 def demo_config(data_dir: str = "../shared/data", members: int = 1) -> BonConfig:
     """The `make demo` experiment, sized to finish on 2 CPU cores in about ten minutes."""
     return BonConfig(
-        data_dir=data_dir, train_prompts=300, eval_prompts=80, pairs_per_prompt=4, label_noise=0.25,
-        members=members, n_boot=1000,
+        data_dir=data_dir, train_prompts=300, eval_prompts=30, pairs_per_prompt=4, label_noise=0.25,
+        members=members, n_boot=1000, calib_pairs=160,
         model=RMConfig(max_length=192),
         train=TrainConfig(epochs=1, lr=3e-4, batch_size=8, checkpoint_every=50),
         laplace=LaplaceConfig(batch_size=8),
