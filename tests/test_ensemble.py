@@ -83,7 +83,7 @@ def test_manifest_and_members_differ(ens_dir: Path) -> None:
     assert man["members"] == 2 and man["train"]["max_steps"] == 3 and len(man["data_sha256"]) == 64
     assert not _equal(_init(ens_dir / "member_0"), _init(ens_dir / "member_1"))
     a, b = _trainable(ens_dir / "member_0"), _trainable(ens_dir / "member_1")
-    assert all(not torch.equal(a[k], b[k]) for k in a)
+    assert all(not torch.equal(a[k], b[k]) for k in a if k != "bias")  # BT is shift-invariant: head bias stays 0
     cfg = json.loads((ens_dir / "member_1" / "model" / "bayesrm.json").read_text())
     assert cfg["lora_seed"] == 1 and cfg["extra"] == {"ensemble_member": 1, "data_seed": 1}
     # training moved the weights away from initialisation
@@ -231,6 +231,14 @@ def test_predict_members_matches_single_laplace(ens_dir: Path, tmp_path: Path) -
     # LA-Ens of one member is that member's LA reward
     la = parse_spec("la:var:k=1").apply(means[:1], variances[:1])
     torch.testing.assert_close(parse_spec("la-ens:var:k=1").apply(means[:1], variances[:1]), la)
+    # head-only (last-layer) posteriors, passed as objects, map onto the members' heads
+    heads = [fit_laplace(RewardModel.load(out / f"member_{i}"), PAIRS, LaplaceConfig(subset="head")) for i in range(2)]
+    hm, hv = ens.predict_members(heads, PROMPTS, RESPONSES)
+    for i in range(2):
+        single = RewardModel.load(out / f"member_{i}")
+        rm, rv = heads[i].predict(single, PROMPTS, RESPONSES)
+        torch.testing.assert_close(hm[i], rm, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hv[i], rv, rtol=1e-4, atol=1e-9)
     # a posterior that is not this member's MAP is refused
     with pytest.raises(ValueError, match="differ from the posterior's MAP"):
         ens.predict_members([out / "member_1" / POSTERIOR_DIR, out / "member_0" / POSTERIOR_DIR], PROMPTS, RESPONSES)

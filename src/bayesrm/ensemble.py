@@ -23,7 +23,16 @@ from torch import nn
 from bayesrm.data import Pair
 from bayesrm.io import atomic_write_json
 from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
-from bayesrm.model import CONFIG_NAME, HEAD_NAME, INIT_NAME, RewardModel, RMConfig, load_backbone
+from bayesrm.model import (
+    CONFIG_NAME,
+    HEAD_NAME,
+    INIT_NAME,
+    Pooling,
+    RewardModel,
+    RMConfig,
+    is_encoder,
+    load_backbone,
+)
 from bayesrm.templates import collate, encode, length_sorted_batches
 from bayesrm.train import MODEL_DIR, TrainConfig, train
 
@@ -95,9 +104,9 @@ def train_ensemble(
     """Train M members into `out_dir/member_i/` one after another; returns the member run directories.
 
     Seeds default to `cfg.lora_seed + i` and `train_cfg.data_seed + i` (`train()` also seeds dropout from the data
-    seed, so a rerun reproduces the weights exactly). With `resume=True`, finished members
-    are skipped, an interrupted one continues from its checkpoint, and a larger `members` grows the ensemble;
-    a manifest from a different model/train config, data or seeds raises ValueError.
+    seed, so a rerun reproduces the weights exactly). With `resume=True`, finished members are skipped, an
+    interrupted one continues from its checkpoint, and a larger `members` grows the ensemble; a manifest from a
+    different model/train config, data or seeds raises ValueError. The manifest is rewritten atomically.
     """
     if members < 1:
         raise ValueError(f"members must be ≥ 1, got {members}")
@@ -210,6 +219,8 @@ class _MemberView(RewardModel):
         self.config = config
         self.tokenizer = tokenizer
         self.encoder = encoder
+        pooling = Pooling(config.pooling)  # resolved as in RewardModel.__init__
+        self.pooling = (Pooling.FIRST if encoder else Pooling.LAST) if pooling is Pooling.AUTO else pooling
         self.backbone = backbone
         self.head = head
         self.adapter = adapter
@@ -231,8 +242,6 @@ class EnsembleRewardModel(nn.Module):
     def __init__(self, configs: Sequence[RMConfig], backbone: nn.Module, heads: nn.ModuleDict, tokenizer: Any,
                  lora_inits: Sequence[dict[str, torch.Tensor]] = (), member_dirs: Sequence[Path] = ()) -> None:
         super().__init__()
-        from bayesrm.model import Pooling, is_encoder
-
         if len(configs) != len(heads) or not configs:
             raise ValueError(f"{len(configs)} configs for {len(heads)} heads")
         self.configs = list(configs)
@@ -244,13 +253,9 @@ class EnsembleRewardModel(nn.Module):
         self.member_dirs = list(member_dirs)
         base = backbone.get_base_model()  # type: ignore[operator]
         self.encoder = is_encoder(base)
-        pooling = Pooling(self.config.pooling)
-        self.pooling = (Pooling.FIRST if self.encoder else Pooling.LAST) if pooling is Pooling.AUTO else pooling
         inits = list(lora_inits) or [{} for _ in self.names]
         self._views = [_MemberView(c, backbone, heads[n], tokenizer, self.encoder, n, init)  # type: ignore[arg-type]
                        for c, n, init in zip(self.configs, self.names, inits, strict=True)]
-        for v in self._views:
-            v.pooling = self.pooling
 
     def __len__(self) -> int:
         return len(self.names)
