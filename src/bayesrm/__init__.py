@@ -2,6 +2,7 @@
 
 from bayesrm.bon import BonCurve, bon_curve, bon_estimate, bon_weights, kl_bon
 from bayesrm.data import DataError, Pair, load_pairs, split_by_prompt
+from bayesrm.ensemble import EnsembleRewardModel, train_ensemble
 from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.objectives import SelectionSpec, parse_spec
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BonCurve",
     "DataError",
+    "EnsembleRewardModel",
     "LaplaceConfig",
     "LaplacePosterior",
     "Pair",
@@ -28,4 +30,5 @@ __all__ = [
     "load_pairs",
     "parse_spec",
     "split_by_prompt",
+    "train_ensemble",
 ]

@@ -156,7 +156,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
             log(f"member {i}: training proxy (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
             model = RewardModel(mc)
             train(model, train_pairs, tc, mdir, eval_pairs=val_pairs, resume=True)
-        post_dir = mdir / POSTERIOR_DIR
+        post_dir = mdir / MODEL_DIR / POSTERIOR_DIR  # next to the model, where `bayesrm laplace` puts it
         if (post_dir / "posterior.json").exists():
             post = LaplacePosterior.load(post_dir)
         else:
