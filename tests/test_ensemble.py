@@ -55,16 +55,6 @@ def _spy(monkeypatch: pytest.MonkeyPatch, wrap: Callable[..., Any] | None = None
     return calls
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """Hidden-16 models gain nothing from intra-op threads, and on a loaded machine OpenMP spinning makes them
-    ~20× slower; restore the session's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ens_dir(tiny_cfg: Callable[..., RMConfig], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained 2-member ensemble: (lora_seed, data_seed) = (0, 0) and (1, 1)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -161,15 +161,6 @@ OOD_PROMPTS, OOD_RESPONSES = _ood()
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Hidden-16 matmuls gain nothing from threads, and OpenMP barriers make them ~100× slower on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,6 @@ DEFAULT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "n
 PROMPTS = ["What is a cat?", "What is a cat?", "Name a colour."]
 RESPONSES = ["A small furry animal.", "cat " * 40, "Blue."]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread sync costs 10-30×."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _perturb(model: RewardModel, seed: int = 0) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,6 @@ from bayesrm.train import (
 FAST = TrainConfig(epochs=2, lr=2e-2, batch_size=4, warmup_ratio=0.0, checkpoint_every=0)
 Weights = dict[str, torch.Tensor]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread sync costs 10-30×."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _all_weights(model: RewardModel) -> Weights:

@@ -23,6 +23,7 @@ from bayesrm.data import (
     save_pairs,
     split_by_prompt,
 )
+from bayesrm.model import find_model_dir
 from bayesrm.progress import progress_bar
 
 app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RMs, Laplace-LoRA, best-of-n.",
@@ -179,18 +180,13 @@ def laplace_cmd(
                         batch_size=batch_size)
     with progress_bar("KFAC fit (pairs)", len(pairs), console) as advance:
         post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
-    dest = _model_dir(model_dir) / POSTERIOR_DIR
+    dest = find_model_dir(model_dir) / POSTERIOR_DIR
     post.save(dest)
     taus = sorted(post.tau.values())
     console.print(f"posterior saved to {dest}; τ ({cfg.tau_method}, {cfg.prior_structure}): "
                   f"min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, max {taus[-1]:.4g}; "
                   f"log marginal likelihood {post.log_marginal_likelihood():.2f}")
 
-
-def _model_dir(p: Path) -> Path:
-    from bayesrm.model import CONFIG_NAME
-
-    return p / "model" if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists() else p
 
 
 @app.command("eval")
@@ -214,7 +210,7 @@ def eval_cmd(
 
     model = RewardModel.load(model_dir)
     pairs = _load(data, format, field, skip_invalid, limit)
-    post_dir = _model_dir(model_dir) / POSTERIOR_DIR
+    post_dir = find_model_dir(model_dir) / POSTERIOR_DIR
     post = LaplacePosterior.load(post_dir) if (post_dir / "posterior.json").exists() else None
     row = pair_eval(model, pairs, post)
     if ood:
@@ -260,7 +256,7 @@ def score_cmd(
     prompts, responses = [r[prompt_field] for r in rows], [r[response_field] for r in rows]
     with progress_bar("scoring", len(rows), console) as advance:
         if uncertainty:
-            post = LaplacePosterior.load(_model_dir(model_dir) / POSTERIOR_DIR)
+            post = LaplacePosterior.load(find_model_dir(model_dir) / POSTERIOR_DIR)
             post.check_matches(model)
             mean, var = post.predict(model, prompts, responses, batch_size, progress=advance)
             spec = parse_spec(f"la:{penalty}:k={k}")

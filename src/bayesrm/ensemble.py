@@ -30,6 +30,7 @@ from bayesrm.model import (
     Pooling,
     RewardModel,
     RMConfig,
+    find_model_dir,
     is_encoder,
     load_backbone,
 )
@@ -157,10 +158,6 @@ def train_ensemble(
 # --------------------------------------------------------------------------- loading and scoring
 
 
-def _model_dir(p: Path) -> Path:
-    """A member's model directory: a run dir's `model/` or the directory itself."""
-    return p / MODEL_DIR if not (p / CONFIG_NAME).exists() and (p / MODEL_DIR / CONFIG_NAME).exists() else p
-
 
 def _member_dirs(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """Member directories from an ensemble dir (manifest or member_* folders) or an explicit list."""
@@ -174,7 +171,7 @@ def _member_dirs(source: str | Path | Sequence[str | Path]) -> list[Path]:
             if unfinished:
                 raise ValueError(f"{root}: members {unfinished} are not trained; rerun train_ensemble to finish")
             dirs = [root / e["path"] for e in entries]
-        elif (_model_dir(root) / CONFIG_NAME).exists():
+        elif (find_model_dir(root) / CONFIG_NAME).exists():
             dirs = [root]
         else:
             found = [(int(m.group(1)), d) for d in root.glob("member_*")
@@ -183,7 +180,7 @@ def _member_dirs(source: str | Path | Sequence[str | Path]) -> list[Path]:
     if not dirs:
         raise FileNotFoundError(f"{source}: no ensemble members (manifest.json, member_* dirs or a model dir)")
     for d in dirs:
-        if not (_model_dir(d) / CONFIG_NAME).exists():
+        if not (find_model_dir(d) / CONFIG_NAME).exists():
             raise FileNotFoundError(f"{d}: not a bayesrm model directory (no {CONFIG_NAME})")
     return dirs
 
@@ -204,7 +201,7 @@ def _posterior_for(post: LaplacePosterior, adapter: str) -> LaplacePosterior:
 def find_posterior(member_dir: str | Path) -> Path | None:
     """A member's Laplace posterior: `member_i/laplace` (experiment) or `member_i/model/laplace` (CLI)."""
     p = Path(member_dir)
-    for cand in (p / POSTERIOR_DIR, _model_dir(p) / POSTERIOR_DIR):
+    for cand in (p / POSTERIOR_DIR, find_model_dir(p) / POSTERIOR_DIR):
         if (cand / "posterior.json").exists():
             return cand
     return None
@@ -276,7 +273,7 @@ class EnsembleRewardModel(nn.Module):
         from safetensors.torch import load_file
 
         dirs = _member_dirs(source)
-        model_dirs = [_model_dir(d) for d in dirs]
+        model_dirs = [find_model_dir(d) for d in dirs]
         configs = []
         for md in model_dirs:
             try:

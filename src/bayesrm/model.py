@@ -95,6 +95,12 @@ def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
     return base, tok
 
 
+def find_model_dir(path: str | Path) -> Path:
+    """The model directory of a run directory (`run/model`), or `path` itself when it holds a model."""
+    p = Path(path)
+    return p / "model" if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists() else p
+
+
 def is_encoder(base: nn.Module) -> bool:
     """True for bidirectional encoders (BERT family), False for causal decoders."""
     return getattr(base.config, "model_type", "") in ENCODER_TYPES
@@ -226,9 +232,7 @@ class RewardModel(nn.Module):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        p = Path(path)
-        if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists():
-            p = p / "model"  # a training run directory
+        p = find_model_dir(path)
         cfg_file = p / CONFIG_NAME
         if not cfg_file.exists():
             raise FileNotFoundError(f"{p}: not a bayesrm model directory (no {CONFIG_NAME})")
