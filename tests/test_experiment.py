@@ -66,6 +66,20 @@ def test_run_bon_writes_results_and_resumes(cfg: BonConfig, tmp_path: Path) -> N
     assert set(res["k_sweep_gold_at_max_n"]) == {"std", "var"}
 
 
+def test_reward_model_as_gold_scores_a_pool_without_gold(cfg: BonConfig, tmp_path: Path) -> None:
+    gold_run = tmp_path / "gold"
+    run_bon(cfg, gold_run, log=lambda *_: None)  # any trained bayesrm model can serve as gold
+    bare = toy_gold_pool(12, 6)
+    bare.gold = None
+    bare.save_jsonl(tmp_path / "bare.jsonl")
+    cfg.pool, cfg.gold, cfg.members = str(tmp_path / "bare.jsonl"), str(gold_run / "proxy" / "member_0"), 1
+    res = run_bon(cfg, tmp_path / "run2", log=lambda *_: None)
+    assert res["pool"]["gold"] == cfg.gold and all(np.isfinite(c["gold"]).all() for c in res["curves"])
+    cfg.gold = "pool"
+    with pytest.raises(ValueError, match="no gold rewards"):
+        run_bon(cfg, tmp_path / "run3", log=lambda *_: None)
+
+
 def test_load_config_reports_unknown_fields(tmp_path: Path) -> None:
     good = tmp_path / "c.toml"
     good.write_text('pool = "x.jsonl"\nmembers = 3\n[train]\nlr = 0.001\n[laplace]\nkfac = "expand"\n')

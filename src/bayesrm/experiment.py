@@ -18,7 +18,7 @@ import torch
 
 from bayesrm.bon import BonCurve, bon_curve, default_ns
 from bayesrm.data import Pair, save_pairs, split_prompts
-from bayesrm.gold import label_pairs_from_gold
+from bayesrm.gold import RewardModelGold, label_pairs_from_gold
 from bayesrm.io import atomic_path, atomic_write_json, atomic_write_text
 from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.metrics import pair_metrics
@@ -35,6 +35,7 @@ class BonConfig:
 
     pool: str = "alpaca_eval"  # "alpaca_eval" (bundled judged pool) or a jsonl with prompt/response/gold
     data_dir: str = "../shared/data"  # where alpaca_eval/annotations.jsonl.gz lives
+    gold: str = "pool"  # "pool": the pool's own gold column (judged data); else a reward model (bayesrm dir or HF id)
     seed: int = 0  # prompt split, pair sampling and label noise
     train_frac: float = 0.5  # fraction of prompts for proxy training (rest: validation + BoN evaluation)
     val_frac: float = 0.1  # fraction of prompts for validation pairs (τ grid, calibration)
@@ -130,8 +131,12 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     atomic_write_json(out / "config.json", asdict(cfg))
     t0 = time.time()
     pool = alpaca_eval_pool(cfg.data_dir) if cfg.pool == "alpaca_eval" else load_pool(cfg.pool)
+    if cfg.gold != "pool":
+        log(f"scoring the pool with the gold reward model {cfg.gold}")
+        pool.gold = pool.unflatten(RewardModelGold(cfg.gold)(*pool.flat()))
+        pool.meta["gold"] = cfg.gold
     if pool.gold is None:
-        raise ValueError(f"pool {cfg.pool} has no gold rewards; BoN evaluation needs them")
+        raise ValueError(f"pool {cfg.pool} has no gold rewards: set gold to a reward model (bayesrm dir or HF id)")
     tr, va, ev = split_pool(pool, cfg)
     train_pairs = label_pairs_from_gold(pool.subset(tr), cfg.pairs_per_prompt, cfg.label_noise, cfg.noise_mode,
                                         cfg.seed)
