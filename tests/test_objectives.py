@@ -128,7 +128,8 @@ def test_spec_canonical_form(text: str, canonical: str) -> None:
 
 def test_valid_forms_all_parse() -> None:
     for form in VALID_FORMS:
-        parse_spec(form.replace("=K", "=1").replace("=L", "=0.5"))
+        text = form.replace("=K", "=1").replace("=L", "=0.5")
+        assert str(parse_spec(text)) == text
 
 
 def test_spec_fields_and_enums() -> None:
