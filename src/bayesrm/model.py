@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
@@ -152,7 +153,9 @@ class RewardModel(nn.Module):
                           target_modules=list(config.target_modules), bias="none")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.lora_seed)
-            self.backbone = get_peft_model(base, lora)
+            with warnings.catch_warnings():  # peft 0.21 calls a transformers API deprecated in 5.x
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self.backbone = get_peft_model(base, lora)
             hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
             self.head = nn.Linear(hidden, 1)
             nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
