@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.bayesrm-installed
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
+# proxy ensemble size; `make demo MEMBERS=2` adds the ensemble and LA-Ens curves (about twice the time)
+MEMBERS ?= 1
 
 .PHONY: install demo test lint typecheck unit bench clean
 
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/bayesrm demo --data-dir $(DATA) --out $(DEMO_OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/bayesrm demo --data-dir $(DATA) --out $(DEMO_OUT) --members $(MEMBERS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
