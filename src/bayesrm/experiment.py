@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -174,9 +175,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
                             "tau_min": taus[0], "tau_median": taus[len(taus) // 2], "tau_max": taus[-1],
                             "log_marglik": post.log_marginal_likelihood()})
         if val_pairs:
-            mu, vd = post.predict_pairs(model, val_pairs[: cfg.calib_pairs])
-            calib[f"member_{i}"] = {f"map_{k}": v for k, v in pair_metrics(mu).items()} | {
-                f"la_{k}": v for k, v in pair_metrics(mu, vd).items()}
+            calib[f"member_{i}"] = pair_eval(model, val_pairs[: cfg.calib_pairs], post)
 
         def compute(model: RewardModel = model, post: LaplacePosterior = post) -> dict[str, np.ndarray]:
             with progress_bar("scoring candidates (mean + σ²)", len(responses)) as advance:
@@ -249,7 +248,7 @@ def results_table(curves: list[BonCurve], corr: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pair_eval(model: RewardModel, pairs: list[Pair], post: LaplacePosterior | None = None) -> dict[str, float]:
+def pair_eval(model: RewardModel, pairs: Sequence[Pair], post: LaplacePosterior | None = None) -> dict[str, float]:
     """Accuracy/NLL/ECE for MAP, and for the Laplace probit predictive when a posterior is given."""
     if post is None:
         return pair_metrics(reward_deltas(model, pairs))
