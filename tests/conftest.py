@@ -80,3 +80,24 @@ def toy_pairs(n: int = 24, seed: int = 0) -> list[Pair]:
 @pytest.fixture
 def pairs() -> list[Pair]:
     return toy_pairs()
+
+
+@pytest.fixture(scope="session")
+def laplace_ensemble(tiny_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """A trained 2-member tiny-bert ensemble dir; member_i holds a model and its Laplace posterior (member_i/laplace).
+
+    member_0 alone is an ordinary trained run directory (for anything that needs one model with a posterior).
+    """
+    from bayesrm.ensemble import train_ensemble
+    from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
+    from bayesrm.model import RewardModel
+    from bayesrm.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("laplace_ens")
+    data = toy_pairs(16)
+    train_ensemble(tiny_cfg("bert"), TrainConfig(max_steps=4, batch_size=4, lr=1e-2, checkpoint_every=0), data, out,
+                   members=2, show_progress=False)
+    for i in range(2):
+        member = out / f"member_{i}"
+        fit_laplace(RewardModel.load(member), data, LaplaceConfig(batch_size=8)).save(member / POSTERIOR_DIR)
+    return out

@@ -207,7 +207,7 @@ def test_apply_errors() -> None:
         parse_spec("map").apply(R)
     with pytest.raises(ValueError, match="scores one model"):
         parse_spec("la:var:k=1").apply(R, V)
-    with pytest.raises(ValueError, match="needs Laplace variances"):
+    with pytest.raises(ValueError, match="needs predictive variances"):
         parse_spec("la-ens:var:k=1").apply(R)
     with pytest.raises(ValueError, match="do not match"):
         parse_spec("la-ens:var:k=1").apply(R, V[:, :2])

@@ -230,44 +230,41 @@ def eval_cmd(
 @app.command("score")
 @_friendly
 def score_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="trained model")],
+    model_dir: Annotated[Path, typer.Argument(help="trained model, or an ensemble dir for ens:/la-ens: specs")],
     input: Annotated[str, typer.Argument(help="jsonl/csv/parquet rows with prompt and response")],
     out: Annotated[Path, typer.Option(help="output jsonl (input rows + reward columns)")] = Path("scores.jsonl"),
-    uncertainty: Annotated[bool, typer.Option(help="add Laplace mean, std and penalised reward")] = False,
-    penalty: Annotated[str, typer.Option(help="std (r − kσ) | var (r − kσ²)")] = "var",
-    k: Annotated[float, typer.Option(help="penalty weight")] = 1.0,
+    spec: Annotated[str | None, typer.Option(help="selection reward, e.g. map, la:var:k=1, vi:std:k=2, "
+                                                  "ens:uwo:lambda=0.5, la-ens:var:k=1")] = None,
+    uncertainty: Annotated[bool, typer.Option(help="shorthand for --spec la:PENALTY:k=K")] = False,
+    penalty: Annotated[str, typer.Option(help="with --uncertainty: std (r − kσ) | var (r − kσ²)")] = "var",
+    k: Annotated[float, typer.Option(help="with --uncertainty: penalty weight")] = 1.0,
     batch_size: int = 16,
     prompt_field: str = "prompt",
     response_field: str = "response",
 ) -> None:
-    """Score responses: reward per row, and with --uncertainty the linearised Laplace σ and penalised reward."""
+    """Score responses: reward per row and, for uncertainty specs, σ and the penalised (selection) reward."""
     from bayesrm.io import write_jsonl
-    from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
-    from bayesrm.model import RewardModel
-    from bayesrm.objectives import parse_spec
+    from bayesrm.scoring import Scorer
 
+    if spec is not None and uncertainty:
+        raise ValueError("pass either --spec or --uncertainty, not both")
     rows = []
     for line, row in iter_rows(input):
         for f in (prompt_field, response_field):
             if not isinstance(row.get(f), str):
                 raise DataError("missing or not text", file=input, line=line, field=f)
         rows.append(row)
-    model = RewardModel.load(model_dir)
+    scorer = Scorer.load(model_dir, f"la:{penalty}:k={k}" if uncertainty else (spec or "map"), batch_size=batch_size)
     prompts, responses = [r[prompt_field] for r in rows], [r[response_field] for r in rows]
     with progress_bar("scoring", len(rows), console) as advance:
-        if uncertainty:
-            post = LaplacePosterior.load(find_model_dir(model_dir) / POSTERIOR_DIR)
-            post.check_matches(model)
-            mean, var = post.predict(model, prompts, responses, batch_size, progress=advance)
-            spec = parse_spec(f"la:{penalty}:k={k}")
-            pen = spec.apply(mean.unsqueeze(0), var.unsqueeze(0))
-            for r, m_, v_, p_ in zip(rows, mean.tolist(), var.tolist(), pen.tolist(), strict=True):
-                r |= {"reward": m_, "reward_std": v_ ** 0.5, "reward_var": v_, "reward_penalized": p_,
-                      "penalty": str(spec)}
-        else:
-            scores = model.score(prompts, responses, batch_size, progress=advance)
-            for r, s in zip(rows, scores.tolist(), strict=True):
-                r["reward"] = s
+        scores = scorer.score(prompts, responses, progress=advance)
+    for r, s in zip(rows, scores.rows(), strict=True):
+        r["reward"] = s["reward"]
+        if scorer.spec.family.value != "map":
+            std = s["std"]
+            if std is not None:
+                r |= {"reward_std": std, "reward_var": std**2}
+            r |= {"reward_penalized": s["selection"], "penalty": str(scorer.spec)}
     write_jsonl(out, rows)
     console.print(f"wrote {len(rows)} scored rows to {out}")
 

@@ -94,6 +94,7 @@ class Family(str, Enum):
 
     MAP = "map"  # one model's MAP reward
     LA = "la"  # one model's Laplace mean and variance
+    VI = "vi"  # one BNRM's variational (mean-field) predictive mean and variance
     ENS = "ens"  # M members' MAP rewards
     LA_ENS = "la-ens"  # M members' Laplace means and variances (independent Gaussians)
 
@@ -118,11 +119,13 @@ class Transform(str, Enum):
 _RULES: dict[Family, tuple[Rule, ...]] = {
     Family.MAP: (),
     Family.LA: (Rule.STD, Rule.VAR),
+    Family.VI: (Rule.STD, Rule.VAR),
     Family.ENS: (Rule.MEAN, Rule.WCO, Rule.UWO),
     Family.LA_ENS: (Rule.MEAN, Rule.STD, Rule.VAR),
 }
 _PARAM: dict[Rule, str] = {Rule.STD: "k", Rule.VAR: "k", Rule.UWO: "lambda"}
-VALID_FORMS = ("map", "la:std:k=K", "la:var:k=K", "ens:mean", "ens:wco", "ens:uwo:lambda=L", "la-ens:mean",
+VALID_FORMS = ("map", "la:std:k=K", "la:var:k=K", "vi:std:k=K", "vi:var:k=K",
+               "ens:mean", "ens:wco", "ens:uwo:lambda=L", "la-ens:mean",
                "la-ens:std:k=K", "la-ens:var:k=K")
 _HELP = (f"valid forms: {', '.join(VALID_FORMS)}; optionally followed by one of "
          f"{', '.join('+' + t.value for t in Transform)} (needs a per-prompt reference reward)")
@@ -134,7 +137,7 @@ def _fmt(x: float) -> str:
 
 @dataclass(frozen=True)
 class SelectionSpec:
-    """A selection reward: family (map | la | ens | la-ens), rule, its weight, and an optional transform."""
+    """A selection reward: family (map | la | vi | ens | la-ens), rule, its weight, and an optional transform."""
 
     family: Family
     rule: Rule | None = None  # None only for MAP
@@ -160,8 +163,8 @@ class SelectionSpec:
 
     @property
     def needs_variance(self) -> bool:
-        """True when the reward reads Laplace variances (la, la-ens std/var)."""
-        return self.family is Family.LA or (self.family is Family.LA_ENS and self.rule is not Rule.MEAN)
+        """True when the reward reads predictive variances (la, vi, la-ens std/var)."""
+        return self.family in (Family.LA, Family.VI) or (self.family is Family.LA_ENS and self.rule is not Rule.MEAN)
 
     @property
     def needs_ensemble(self) -> bool:
@@ -201,7 +204,7 @@ class SelectionSpec:
                              "or use an ens:/la-ens: spec")
         if self.needs_variance:
             if variances is None:
-                raise ValueError(f"'{self}' needs Laplace variances (fit a posterior first)")
+                raise ValueError(f"'{self}' needs predictive variances (Laplace posterior or BNRM head)")
             if variances.shape != means.shape:
                 raise ValueError(f"variances {tuple(variances.shape)} do not match means {tuple(means.shape)}")
         s = self._reward(means, variances)  # (N,)
@@ -227,7 +230,7 @@ class SelectionSpec:
         if fam is Family.LA_ENS and rule is Rule.MEAN:
             return ensemble_mean(means)
         assert variances is not None and w is not None
-        mu, var = (means[0], variances[0]) if fam is Family.LA else la_ens(means, variances)
+        mu, var = la_ens(means, variances) if fam is Family.LA_ENS else (means[0], variances[0])
         return penalize_std(mu, var, w) if rule is Rule.STD else penalize_var(mu, var, w)
 
 
