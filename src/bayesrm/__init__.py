@@ -6,6 +6,7 @@ from bayesrm.ensemble import EnsembleRewardModel, train_ensemble
 from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.objectives import SelectionSpec, parse_spec
+from bayesrm.scoring import Scorer, Scores
 from bayesrm.train import TrainConfig
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ __all__ = [
     "Pair",
     "RMConfig",
     "RewardModel",
+    "Scorer",
+    "Scores",
     "SelectionSpec",
     "TrainConfig",
     "__version__",

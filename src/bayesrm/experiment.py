@@ -19,15 +19,16 @@ import torch
 
 from bayesrm.bon import BonCurve, bon_curve, default_ns
 from bayesrm.data import Pair, save_pairs, split_prompts
+from bayesrm.ensemble import train_ensemble
 from bayesrm.gold import RewardModelGold, label_pairs_from_gold
 from bayesrm.io import atomic_path, atomic_write_json, atomic_write_text
 from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.metrics import pair_metrics
-from bayesrm.model import CONFIG_NAME, RewardModel, RMConfig
+from bayesrm.model import RewardModel, RMConfig
 from bayesrm.objectives import parse_spec, reference_stats, standardize, standardize_var
 from bayesrm.pool import Pool, alpaca_eval_pool, load_pool
 from bayesrm.progress import progress_bar
-from bayesrm.train import MODEL_DIR, TrainConfig, reward_deltas, train
+from bayesrm.train import MODEL_DIR, TrainConfig, reward_deltas
 
 
 @dataclass
@@ -107,12 +108,6 @@ def split_pool(pool: Pool, cfg: BonConfig) -> tuple[list[int], list[int], list[i
     return tr, va, ev
 
 
-def _member_configs(cfg: BonConfig, i: int) -> tuple[RMConfig, TrainConfig]:
-    mc = RMConfig(**(asdict(cfg.model) | {"lora_seed": cfg.model.lora_seed + i}))
-    tc = TrainConfig(**(asdict(cfg.train) | {"data_seed": cfg.train.data_seed + i}))
-    return mc, tc
-
-
 def _cached_scores(path: Path, compute: Any) -> dict[str, np.ndarray]:
     if path.exists():
         with np.load(path) as z:
@@ -152,16 +147,10 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     prompts, responses = eval_pool.flat()
     means, variances, member_info = [], [], []
     calib: dict[str, dict[str, float]] = {}
-    for i in range(cfg.members):
-        mdir = out / "proxy" / f"member_{i}"
-        mc, tc = _member_configs(cfg, i)
-        if (mdir / MODEL_DIR / CONFIG_NAME).exists():
-            model = RewardModel.load(mdir)
-            log(f"member {i}: reusing trained proxy in {mdir}")
-        else:
-            log(f"member {i}: training proxy (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
-            model = RewardModel(mc)
-            train(model, train_pairs, tc, mdir, eval_pairs=val_pairs, resume=True)
+    member_dirs = train_ensemble(cfg.model, cfg.train, train_pairs, out / "proxy", members=cfg.members,
+                                 eval_pairs=val_pairs, log=log)  # resumable; seeds lora_seed + i, data_seed + i
+    for i, mdir in enumerate(member_dirs):
+        model = RewardModel.load(mdir)
         post_dir = mdir / MODEL_DIR / POSTERIOR_DIR  # next to the model, where `bayesrm laplace` puts it
         if (post_dir / "posterior.json").exists():
             post = LaplacePosterior.load(post_dir)
@@ -171,7 +160,8 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
                 post = fit_laplace(model, train_pairs, cfg.laplace, val_pairs=val_pairs, progress=advance)
             post.save(post_dir)
         taus = sorted(post.tau.values())
-        member_info.append({"member": i, "lora_seed": mc.lora_seed, "data_seed": tc.data_seed,
+        member_info.append({"member": i, "lora_seed": model.config.lora_seed,
+                            "data_seed": model.config.extra.get("data_seed"),
                             "tau_min": taus[0], "tau_median": taus[len(taus) // 2], "tau_max": taus[-1],
                             "log_marglik": post.log_marginal_likelihood()})
         if val_pairs:
