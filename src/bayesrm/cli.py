@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -93,6 +93,10 @@ def train_cmd(
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     target_modules: Annotated[str | None, typer.Option(help="comma-separated module names")] = None,
+    head: Annotated[str, typer.Option(help="linear (BT scalar head) | bnrm (Bayesian non-negative head)")] = "linear",
+    bnrm_k: Annotated[int, typer.Option(help="BNRM latent factors K")] = 1024,
+    bnrm_eta: Annotated[float, typer.Option(help="BNRM KL weight η")] = 1e-5,
+    freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op)")] = False,
     epochs: int = 1,
     lr: float = 2e-4,
     batch_size: int = 8,
@@ -126,6 +130,8 @@ def train_cmd(
     mc = RMConfig(backbone=backbone, template=template, max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
                   lora_dropout=lora_dropout, lora_seed=lora_seed,
                   target_modules=target_modules.split(",") if target_modules else None,
+                  head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None,
+                  freeze_backbone=freeze_backbone,
                   extra={"train_data": data, "eval_data": eval_data, "split_seed": split_seed})
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
                      margin=margin, center_coef=center_coef, data_seed=data_seed, mixed_precision=mixed_precision,
@@ -227,6 +233,107 @@ def eval_cmd(
     print(json.dumps(row))
 
 
+def _score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[dict[str, Any]]:
+    """Rows of a `score` input, each checked to hold text in the prompt and response fields."""
+    for line, row in iter_rows(input):
+        for f in (prompt_field, response_field):
+            if not isinstance(row.get(f), str):
+                raise DataError("missing or not text", file=input, line=line, field=f)
+        yield row
+
+
+def _add_scores(scorer: Any, rows: list[dict[str, Any]], fields: tuple[str, str],
+                progress: Callable[[int], None] | None = None) -> None:
+    """Add `reward` to each row and, for uncertainty specs, reward_std, reward_var, reward_penalized and penalty."""
+    if not rows:
+        return
+    scores = scorer.score([r[fields[0]] for r in rows], [r[fields[1]] for r in rows], progress=progress)
+    for r, s in zip(rows, scores.rows(), strict=True):
+        r["reward"] = s["reward"]
+        if scorer.spec.family.value != "map":
+            std = s["std"]
+            if std is not None:
+                r |= {"reward_std": std, "reward_var": std**2}
+            r |= {"reward_penalized": s["selection"], "penalty": str(scorer.spec)}
+
+
+def _score_device(device: str, index: int) -> str | None:
+    """`--device auto`: GPU index mod #GPUs when CUDA is available, else None (CPU); anything else as given."""
+    import torch
+
+    if device != "auto":
+        return device
+    return f"cuda:{index % torch.cuda.device_count()}" if torch.cuda.is_available() else None
+
+
+def _score_shard(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], index: int, num: int,
+                 batch_size: int, device: str | None) -> None:
+    """Score rows of shard `index` of `num` into its shard file (skipped if that file exists)."""
+    import itertools
+    import time
+
+    from bayesrm import shard as sh
+    from bayesrm.scoring import Scorer
+
+    total = sum(1 for _ in _score_rows(input, *fields))
+    sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num))
+    if sh.shard_path(out, index, num).exists():
+        console.print(f"shard {index}/{num} already done")
+        return
+    span, t0 = sh.shard_range(total, index, num), time.perf_counter()
+    rows = list(itertools.islice(_score_rows(input, *fields), span.start, span.stop))
+    _add_scores(Scorer.load(model_dir, spec, device=device, batch_size=batch_size), rows, fields)
+    sh.write_shard(out, index, num, rows)
+    console.print(f"shard {index}/{num}: {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
+
+
+def _score_parallel(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], num: int,
+                    batch_size: int, threads: int | None, device: str) -> None:
+    """Score `num` shards in `num` processes, then merge in input order.
+
+    This process scores the first unfinished shard itself and starts `bayesrm score --shard i/num` for the others.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from bayesrm import shard as sh
+
+    total = sum(1 for _ in _score_rows(input, *fields))  # every row is checked before any worker starts
+    if sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num), discard=True):
+        console.print(f"discarded shards of a different earlier run in {sh.shard_dir(out)}")
+    todo = sh.pending_shards(out, num)
+    if len(todo) < num:
+        console.print(f"{num - len(todo)} of {num} shards already done")
+    t = threads or sh.threads_per_process(max(len(todo), 1))
+    env = os.environ | {"OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t), "RAYON_NUM_THREADS": str(t)}
+    base = [sys.executable, "-m", "bayesrm", "score", str(model_dir), input, "--out", str(out), "--spec", spec,
+            "--batch-size", str(batch_size), "--prompt-field", fields[0], "--response-field", fields[1],
+            "--threads", str(t)]
+    procs = {i: subprocess.Popen([*base, "--shard", f"{i}/{num}", "--device", _score_device(device, i) or "cpu"],
+                                 env=env) for i in todo[1:]}
+    try:
+        if todo:
+            torch.set_num_threads(t)
+            _score_shard(model_dir, input, out, spec, fields, todo[0], num, batch_size, _score_device(device, todo[0]))
+        codes = {i: p.wait() for i, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    failed = {i: c for i, c in codes.items() if c != 0}
+    if failed:
+        raise ValueError(f"shards {sorted(failed)} of {num} failed (exit codes {sorted(set(failed.values()))}); "
+                         "rerun the same command to redo only unfinished shards")
+    rows = sh.merge_shards(out, num, total)
+    shutil.rmtree(sh.shard_dir(out))
+    console.print(f"wrote {rows} scored rows to {out} ({num} shards)")
+
+
 @app.command("score")
 @_friendly
 def score_cmd(
@@ -241,32 +348,57 @@ def score_cmd(
     batch_size: int = 16,
     prompt_field: str = "prompt",
     response_field: str = "response",
+    num_processes: Annotated[int, typer.Option(help="shard the input over N worker processes (one per GPU where "
+                                                    "there are GPUs); per-shard files in OUT.shards/ make reruns "
+                                                    "skip finished shards")] = 1,
+    shard: Annotated[str | None, typer.Option(help="I/N: score only shard I (0-based) of N into OUT.shards/ (job "
+                                                   "arrays; a later --num-processes N run merges)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads per process (default: cores / N with "
+                                                     "--num-processes N, else torch's default)")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available) | cpu | cuda:0 …")] = "auto",
 ) -> None:
-    """Score responses: reward per row and, for uncertainty specs, σ and the penalised (selection) reward."""
+    """Score responses: reward per row and, for uncertainty specs, σ and the penalised (selection) reward.
+
+    Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) each rank scores its shard and rank 0 merges.
+    """
+    import shutil
+
+    import torch
+
+    from bayesrm import shard as sh
     from bayesrm.io import write_jsonl
+    from bayesrm.objectives import parse_spec
     from bayesrm.scoring import Scorer
 
     if spec is not None and uncertainty:
         raise ValueError("pass either --spec or --uncertainty, not both")
-    rows = []
-    for line, row in iter_rows(input):
-        for f in (prompt_field, response_field):
-            if not isinstance(row.get(f), str):
-                raise DataError("missing or not text", file=input, line=line, field=f)
-        rows.append(row)
-    scorer = Scorer.load(model_dir, f"la:{penalty}:k={k}" if uncertainty else (spec or "map"), batch_size=batch_size)
-    prompts, responses = [r[prompt_field] for r in rows], [r[response_field] for r in rows]
-    with progress_bar("scoring", len(rows), console) as advance:
-        scores = scorer.score(prompts, responses, progress=advance)
-    for r, s in zip(rows, scores.rows(), strict=True):
-        r["reward"] = s["reward"]
-        if scorer.spec.family.value != "map":
-            std = s["std"]
-            if std is not None:
-                r |= {"reward_std": std, "reward_var": std**2}
-            r |= {"reward_penalized": s["selection"], "penalty": str(scorer.spec)}
-    write_jsonl(out, rows)
-    console.print(f"wrote {len(rows)} scored rows to {out}")
+    if num_processes < 1 or (shard is not None and num_processes > 1):
+        raise ValueError("--num-processes must be ≥ 1 and cannot be combined with --shard")
+    spec = str(parse_spec(f"la:{penalty}:k={k}" if uncertainty else (spec or "map")))
+    fields = (prompt_field, response_field)
+    if threads:
+        torch.set_num_threads(threads)
+    ranked = sh.launcher_rank() if shard is None and num_processes == 1 else None
+    if shard is not None:
+        i, n = sh.parse_shard(shard)
+        _score_shard(model_dir, input, out, spec, fields, i, n, batch_size, _score_device(device, i))
+    elif ranked is not None:
+        rank, world, local = ranked
+        _score_shard(model_dir, input, out, spec, fields, rank, world, batch_size, _score_device(device, local))
+        if rank == 0:
+            sh.wait_for_shards(out, world)
+            merged = sh.merge_shards(out, world)
+            shutil.rmtree(sh.shard_dir(out))
+            console.print(f"wrote {merged} scored rows to {out} ({world} ranks)")
+    elif num_processes > 1:
+        _score_parallel(model_dir, input, out, spec, fields, num_processes, batch_size, threads, device)
+    else:
+        rows = list(_score_rows(input, *fields))
+        scorer = Scorer.load(model_dir, spec, device=_score_device(device, 0), batch_size=batch_size)
+        with progress_bar("scoring", len(rows), console) as advance:
+            _add_scores(scorer, rows, fields, advance)
+        write_jsonl(out, rows)
+        console.print(f"wrote {len(rows)} scored rows to {out}")
 
 
 @app.command("bon")
@@ -337,6 +469,115 @@ def sample_cmd(
     with progress_bar(f"sampling {n} per prompt", len(texts), console) as advance:
         path = sample_pool(texts, cfg, out, progress=advance)
     console.print(f"pool of {len(texts)} prompts × {n} written to {path}")
+
+
+@app.command("explain")
+@_friendly
+def explain_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="trained BNRM model (run dir or model dir)")],
+    data: Annotated[str, typer.Argument(help="pairs (chosen and rejected are scored) or rows with prompt/response")],
+    top_k: Annotated[int, typer.Option(help="factors to list")] = 10,
+    per_factor: Annotated[int, typer.Option(help="responses shown per factor")] = 5,
+    by: Annotated[str, typer.Option(help="rank factors by phi (paper) | contribution (mean θ_k·Φ_k)")] = "phi",
+    limit: int | None = None,
+    batch_size: int = 32,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the full report here")] = None,
+    format: FormatOpt = DataFormat.AUTO.value,
+    field: FieldOpt = None,
+    skip_invalid: SkipOpt = False,
+) -> None:
+    """BNRM factors: the top-k by Φ, each with the responses whose θ loads most on it (and their lengths)."""
+    from bayesrm.bnrm import explain_factors
+    from bayesrm.io import atomic_write_json
+    from bayesrm.model import RewardModel
+
+    model = RewardModel.load(model_dir)
+    model.bnrm_head  # noqa: B018 - fail before loading data when the head is linear
+    first = next(iter_rows(data), (0, {}))[1]
+    if "response" in first and "chosen" not in first:
+        rows = [r for _, r in iter_rows(data)][:limit]
+        items = [(str(r["prompt"]), str(r["response"])) for r in rows]
+    else:
+        pairs = _load(data, format, field, skip_invalid, limit)
+        items = list(dict.fromkeys([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]))
+    rep = explain_factors(model, [p for p, _ in items], [r for _, r in items], top_k, per_factor, batch_size, by)
+    console.print(f"{rep['n_responses']} responses; {rep['active_phi']} of {rep['k']} factors have Φ > 0")
+    for f in rep["factors"]:
+        t = Table(title=f"factor {f['factor']}: Φ={f['phi']:.4g}, mean θ={f['mean_theta']:.4g}, "
+                        f"active {f['active_frac']:.0%}, r(θ, words)={f['length_corr']:.2f}")
+        for col in ("θ", "words", "prompt", "response"):
+            t.add_column(col, justify="right" if col in ("θ", "words") else "left")
+        for x in f["top"]:
+            t.add_row(f"{x['theta']:.4g}", str(x["words"]), x["prompt"][:60].replace("\n", " "),
+                      x["response"][:100].replace("\n", " "))
+        console.print(t)
+    if json_out:
+        atomic_write_json(json_out, rep)
+
+
+@app.command("serve")
+@_friendly
+def serve_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="trained model, or an ensemble dir for ens:/la-ens: specs")],
+    spec: Annotated[str, typer.Option(help="selection reward served: map, la:var:k=1, ens:uwo:lambda=0.5, …")] = "map",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: Annotated[int, typer.Option(help="responses per micro-batch (whole requests; 1 = no batching)")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(help="longest wait for a micro-batch to fill")] = 5.0,
+    max_body_bytes: Annotated[int, typer.Option(help="larger request bodies get 413")] = 1 << 20,
+    max_responses: Annotated[int, typer.Option(help="responses per request; more get 422")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="untruncated tokens of prompt + response; more get 413")] = 2048,
+    api_key_env: Annotated[str | None, typer.Option(help="NAME of an environment variable holding the API key "
+                                                         "(the key itself never goes on the command line)")] = None,
+    batch_size: Annotated[int, typer.Option(help="forward batch size inside a micro-batch")] = 16,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda:0 … (default: where the model loads)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level (warning: no access log)")] = "info",
+) -> None:
+    """HTTP scoring server: POST /v1/score {prompt, responses} → reward, std, selection; /health, /metrics."""
+    import torch
+
+    from bayesrm.serve import ServeConfig, serve
+
+    if threads:
+        torch.set_num_threads(threads)
+    serve(model_dir, ServeConfig(host=host, port=port, spec=spec, max_batch_responses=max_batch,
+                                 max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_responses=max_responses,
+                                 max_tokens=max_tokens, api_key_env=api_key_env, batch_size=batch_size,
+                                 log_level=log_level),
+          device=device)
+
+
+@app.command("merge")
+@_friendly
+def merge_cmd(
+    models: Annotated[list[Path], typer.Argument(help="saved reward models (run or model dirs) on one backbone")],
+    out: Annotated[Path, typer.Option(help="directory of the merged model (an ordinary bayesrm model)")] = Path(
+        "runs/merged"),
+    method: Annotated[str, typer.Option(help="average (WARM) | task_arithmetic | ties | dare_linear | dare_ties | "
+                                             "magnitude_prune")] = "average",
+    weights: Annotated[str | None, typer.Option(help="comma-separated weight per model (default uniform)")] = None,
+    lam: Annotated[float, typer.Option("--lambda", help="λ scaling of the merged task vector (not average)")] = 1.0,
+    density: Annotated[float, typer.Option(help="TIES / magnitude_prune: fraction of entries kept")] = 0.2,
+    drop_rate: Annotated[float, typer.Option(help="DARE: drop probability p")] = 0.5,
+    seed: Annotated[int, typer.Option(help="DARE masks and random saliency")] = 0,
+    lwptv: Annotated[bool, typer.Option(help="layer-wise pruning of task vectors before merging")] = False,
+    saliency: Annotated[str, typer.Option(help="LwPTV score: rel_norm (ours) | random (chance)")] = "rel_norm",
+    prune_ratio: Annotated[float, typer.Option(help="LwPTV: fraction of layers pruned per model")] = 1 / 3,
+    rank: Annotated[int | None, typer.Option(help="merged LoRA rank (default Σ r; non-linear merges use SVD)")] = None,
+) -> None:
+    """Merge reward models into one (WARM average, task arithmetic, TIES, DARE), optionally with LwPTV pruning."""
+    from bayesrm.merge import MergeConfig, merge_models, save_merged
+
+    w = [float(x) for x in weights.split(",")] if weights else None
+    cfg = MergeConfig(method=method, weights=w, lam=lam, density=density, drop_rate=drop_rate, seed=seed,
+                      lwptv=lwptv, saliency=saliency, prune_ratio=prune_ratio, rank=rank)
+    model, log = merge_models(models, cfg)
+    save_merged(model, log, out)
+    errs = list(log["svd_rel_error"].values())
+    pruned = f", {log['pruned_fraction']:.0%} of (model, layer) task vectors pruned" if "masks" in log else ""
+    console.print(f"merged {len(models)} models by {log['method']} ({log['representation']}, max relative SVD error "
+                  f"{max(errs):.3g}{pruned}) into {out}; log in {out / 'merge.json'}")
 
 
 def main() -> None:  # pragma: no cover

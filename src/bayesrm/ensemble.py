@@ -350,19 +350,20 @@ class EnsembleRewardModel(nn.Module):
         """Linearised Laplace (means (M, N), variances (M, N)), one posterior per member (None: load them).
 
         Posteriors fitted on a member's own single-adapter RewardModel (adapter 'default') are renamed to the
-        member's adapter and checked against its weights; each member runs `LaplacePosterior.predict` on a
-        view sharing this backbone, so tokenisation happens once per member here.
+        member's adapter and checked against its weights; each member runs `LaplacePosterior.predict_ids` on a
+        view sharing this backbone, on inputs tokenised once for all members.
         """
         posts = self.load_posteriors() if posteriors is None else [
             p if isinstance(p, LaplacePosterior) else LaplacePosterior.load(p) for p in posteriors]
         if len(posts) != len(self):
             raise ValueError(f"{len(posts)} posteriors for {len(self)} members")
+        ids = self.encode(prompts, responses)
         means, variances = [], []
         for i, (name, post) in enumerate(zip(self.names, posts, strict=True)):
             view = self.member(i)
             renamed = _posterior_for(post, name)
             renamed.check_matches(view)
-            mu, var = renamed.predict(view, prompts, responses, batch_size, progress)
+            mu, var = renamed.predict_ids(view, ids, batch_size, progress)
             means.append(mu)
             variances.append(var)
         self.backbone.set_adapter(self.names[0], inference_mode=True)  # type: ignore[operator]

@@ -209,15 +209,17 @@ def _batch_jacobians(model: RewardModel, modules: dict[str, nn.Linear], x: torch
 
 def head_features(model: RewardModel, x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards (B,) and the head's exact Jacobian φ = [features, 1] (B, d+1), since r = wᵀf + b (§7)."""
+    head = _require_linear_head(model)
     with torch.no_grad():
         f = _up(model.features(x, m))  # (B, d)
-        r = _up(model.head(f.to(model.head.weight.dtype))).squeeze(-1)  # (B,)
+        r = _up(head(f.to(head.weight.dtype))).squeeze(-1)  # (B,)
     return r, torch.cat([f, torch.ones_like(f[:, :1])], dim=-1)
 
 
 def head_theta(model: RewardModel) -> torch.Tensor:
     """The head's parameters as one (1, d+1) row [w, b], the variable of the head-only posterior (r = [w, b]·φ)."""
-    return torch.cat([model.head.weight, model.head.bias.unsqueeze(-1)], dim=-1).detach()
+    head = _require_linear_head(model)
+    return torch.cat([head.weight, head.bias.unsqueeze(-1)], dim=-1).detach()
 
 
 def _pair_batches(model: RewardModel, pairs: Sequence[Pair], batch_size: int
@@ -368,6 +370,7 @@ class LaplacePosterior:
     def jacobians(self, model: RewardModel, x: torch.Tensor, m: torch.Tensor
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Rewards (B,) and per-row Jacobians J_m = Σ_t δ_t a_tᵀ (B, o, i) of r w.r.t. each block (§7)."""
+        _require_linear_head(model)
         if Subset(self.cfg.subset) is Subset.HEAD:
             r, phi = head_features(model, x, m)
             return r, {HEAD_KEY: phi.unsqueeze(1)}  # (B, 1, d+1)
@@ -393,8 +396,12 @@ class LaplacePosterior:
     def predict(self, model: RewardModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Linearised predictive N(r_MAP, J Σ Jᵀ) per response (§7): (mean (N,), var (N,)) in input order."""
+        return self.predict_ids(model, model.encode(prompts, responses), batch_size, progress)
+
+    def predict_ids(self, model: RewardModel, ids: Sequence[Sequence[int]], batch_size: int = 16,
+                    progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict` on already tokenised inputs (e.g. shared by the members of an ensemble)."""
         model.eval()
-        ids = model.encode(prompts, responses)
         mean, var = torch.empty(len(ids), dtype=torch.double), torch.empty(len(ids), dtype=torch.double)
         for idx in length_sorted_batches([len(s) for s in ids], batch_size):
             x, m = collate([ids[i] for i in idx], model.pad_id)
@@ -466,12 +473,21 @@ class LaplacePosterior:
 
     def check_matches(self, model: RewardModel, atol: float = 1e-6) -> None:
         """Raise if the model's LoRA weights are not the MAP this posterior was fitted at."""
+        _require_linear_head(model)
         params = {k: p.detach() for k, p in model.named_parameters()} | {HEAD_KEY: head_theta(model)}
         for k, b in self.blocks.items():
             if k not in params:
                 raise ValueError(f"posterior tensor {k} not found in the model")
             if not torch.allclose(params[k].double().cpu(), b.theta.double(), atol=atol):
                 raise ValueError(f"model weights differ from the posterior's MAP at {k}; refit the posterior")
+
+
+def _require_linear_head(model: RewardModel) -> nn.Linear:
+    """The model's scalar head; ValueError for a BNRM head, which this posterior does not cover."""
+    if not isinstance(model.head, nn.Linear):
+        raise ValueError(f"Laplace-LoRA needs the linear BT head, this model has a '{model.config.head}' head; a BNRM "
+                         "head has its own variational posterior: use RewardModel.predict_moments")
+    return model.head
 
 
 # --------------------------------------------------------------------------- fitting
@@ -564,6 +580,7 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
     adapter is used when it has one, else 0.
     """
     cfg = cfg or LaplaceConfig()
+    _require_linear_head(model)
     if not pairs:
         raise ValueError("fit_laplace needs at least one training pair")
     if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN; prior mean 0

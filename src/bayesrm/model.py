@@ -1,4 +1,4 @@
-"""Bradley–Terry reward model: any transformers backbone + LoRA (peft) + a scalar head."""
+"""Bradley–Terry reward model: any transformers backbone + LoRA (peft) + a scalar (or BNRM) head."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesrm.bnrm import BNRMConfig, BNRMHead, pair_covariance
 from bayesrm.io import atomic_dir
 from bayesrm.templates import Template, collate, encode, length_sorted_batches
 
@@ -34,6 +35,16 @@ class Pooling(str, Enum):
     MEAN = "mean"  # mean over non-pad tokens
 
 
+class Head(str, Enum):
+    """What turns the reward-token features into a reward."""
+
+    LINEAR = "linear"  # nn.Linear(d, 1): the BT scalar head
+    BNRM = "bnrm"  # Bayesian non-negative factor head (bayesrm.bnrm), with predictive moments
+
+
+_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
+
+
 @dataclass
 class RMConfig:
     """Everything needed to rebuild a reward model and format its inputs."""
@@ -51,6 +62,13 @@ class RMConfig:
     dtype: str = "float32"  # backbone weights dtype (float32 | bfloat16 | float16)
     disable_dropout: bool = True  # zero the backbone's dropout (as TRL's RewardConfig does); LoRA dropout is separate
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (data, seeds, …)
+    head: str = Head.LINEAR.value  # linear | bnrm
+    bnrm: dict[str, Any] | None = None  # BNRMConfig fields for head="bnrm" (None: its defaults)
+    freeze_backbone: bool = False  # train the head only: the LoRA adapter stays at its no-op init (B = 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
+        return {k: v for k, v in asdict(self).items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RMConfig:
@@ -157,10 +175,18 @@ class RewardModel(nn.Module):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self.backbone = get_peft_model(base, lora)
             hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
-            self.head = nn.Linear(hidden, 1)
-            nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
-            nn.init.zeros_(self.head.bias)
-            self.head.bias.requires_grad_(False)  # BT sees only differences: the bias has no gradient signal
+            self.head: nn.Linear | BNRMHead
+            if Head(config.head) is Head.BNRM:
+                bnrm = BNRMConfig.from_dict(config.bnrm or {})
+                config.bnrm = asdict(bnrm)  # saved in full
+                self.head = BNRMHead(hidden, bnrm)
+            else:
+                self.head = nn.Linear(hidden, 1)
+                nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+                nn.init.zeros_(self.head.bias)
+                self.head.bias.requires_grad_(False)  # BT sees only differences: the bias has no gradient signal
+        if config.freeze_backbone:
+            self.backbone.requires_grad_(False)
         # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
         self.lora_init: dict[str, torch.Tensor] = {
             n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
@@ -174,12 +200,34 @@ class RewardModel(nn.Module):
         return pooled.to(torch.promote_types(pooled.dtype, torch.float32))  # upcast bf16/fp16; keep fp64
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,)."""
+        """Rewards (B,); a BNRM head samples in training mode and uses posterior means in eval mode."""
+        if isinstance(self.head, BNRMHead):
+            return self.reward(input_ids, attention_mask, "sample" if self.training else "mean")
         return self.head(self.features(input_ids, attention_mask)).squeeze(-1)
+
+    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """Rewards (B,) with an explicit BNRM mode: mean (posterior means) | sample (one Weibull draw)."""
+        f = self.features(input_ids, attention_mask)  # (B, d)
+        return self.head(f, mode) if isinstance(self.head, BNRMHead) else self.head(f).squeeze(-1)
+
+    def regularizer(self, n_data: int) -> torch.Tensor | None:
+        """Per-pair term the training loss adds after a forward over 2B responses: η·KL for BNRM, None for linear.
+
+        `n_data` is the number of training pairs (BNRMConfig.kl_phi_scale="dataset" divides KL_Φ by it).
+        """
+        return self.head.kl_loss(n_data) if isinstance(self.head, BNRMHead) else None
+
+    @property
+    def bnrm_head(self) -> BNRMHead:
+        """The BNRM head; ValueError for a linear head."""
+        if not isinstance(self.head, BNRMHead):
+            raise ValueError("this model has a linear BT head: predictive moments need head='bnrm'; for a BT model "
+                             "fit a Laplace posterior (`bayesrm laplace`) and use LaplacePosterior.predict")
+        return self.head
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        return next(self.head.parameters()).device
 
     @property
     def pad_id(self) -> int:
@@ -206,6 +254,53 @@ class RewardModel(nn.Module):
         self.train(was_training)
         return out
 
+    @torch.no_grad()
+    def _per_response(self, prompts: Sequence[str], responses: Sequence[str], fn: Any, batch_size: int,
+                      progress: Any = None) -> torch.Tensor:
+        """fn(features (B, d)) → (B, m) over all responses in eval mode, (N, m) float64 in input order."""
+        was_training = self.training
+        self.eval()
+        ids = self.encode(prompts, responses)
+        out: torch.Tensor | None = None
+        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
+            x, m = collate([ids[i] for i in idx], self.pad_id)
+            y = fn(self.features(x.to(self.device), m.to(self.device))).double().cpu()  # (B, m)
+            out = torch.empty(len(ids), y.shape[1], dtype=torch.double) if out is None else out
+            out[idx] = y
+            if progress is not None:
+                progress(len(idx))
+        self.train(was_training)
+        return out if out is not None else torch.empty(0, 0, dtype=torch.double)
+
+    def predict_moments(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
+                        progress: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """BNRM predictive mean and variance of r under q(θ)q(Φ), (N,) and (N,) float64 (bnrm_reward_moments)."""
+        head = self.bnrm_head
+        mv = self._per_response(prompts, responses, lambda f: torch.stack(head.moments(f), -1), batch_size,
+                                progress)  # (N, 2)
+        return (mv[:, 0], mv[:, 1]) if len(mv) else (torch.empty(0).double(), torch.empty(0).double())
+
+    def predict_pair_moments(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+                             batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """BNRM (E[Δ], Var[Δ]) per pair, Δ = r_w − r_l, Var[Δ] = Var r_w + Var r_l − 2 Cov (shared Φ), float64."""
+        head = self.bnrm_head
+
+        def fn(f: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.stack(head.moments(f), -1), head.theta(f).double()], -1)  # (B, 2 + K)
+
+        a = self._per_response(prompts, chosen, fn, batch_size)
+        b = self._per_response(prompts, rejected, fn, batch_size)
+        with torch.no_grad():
+            var_phi = head.phi_moments()[1].cpu()  # (K,)
+        cov = pair_covariance(a[:, 2:], b[:, 2:], var_phi)  # (P,)
+        return a[:, 0] - b[:, 0], a[:, 1] + b[:, 1] - 2.0 * cov
+
+    def factor_activations(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32
+                           ) -> torch.Tensor:
+        """BNRM factor loadings E_q[θ] per response, (N, K) float64 (interpretability, paper App. B)."""
+        head = self.bnrm_head
+        return self._per_response(prompts, responses, head.theta, batch_size)
+
     # ------------------------------------------------------------------ parameters
     def lora_parameters(self) -> dict[str, nn.Parameter]:
         """The LoRA A/B weights by name (the Laplace posterior's variables)."""
@@ -224,7 +319,7 @@ class RewardModel(nn.Module):
             self.backbone.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_NAME))
             save_file({k: v.contiguous() for k, v in self.lora_init.items()}, str(tmp / INIT_NAME))
-            d = asdict(self.config) | {"format_version": 1}
+            d = self.config.to_dict() | {"format_version": 1}
             (tmp / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n")
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)

@@ -141,7 +141,7 @@ def _fingerprint(cfg: TrainConfig, model: RewardModel, pairs: Sequence[Pair]) ->
     """Hash of everything that decides the trajectory: a resumed run must match it exactly."""
     h = hashlib.sha256()
     run = {k: v for k, v in asdict(cfg).items() if k not in ("eval_batch_size", "checkpoint_every")}
-    h.update(json.dumps([run, asdict(model.config)], sort_keys=True, default=str).encode())
+    h.update(json.dumps([run, model.config.to_dict()], sort_keys=True, default=str).encode())
     for p in pairs:
         h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
     return h.hexdigest()[:16]
@@ -196,6 +196,9 @@ def _micro_step(model: RewardModel, run: _Run, idx: list[int], scale: int, cfg: 
         rw, rl = pair_forward(run.ddp_model, [run.chosen[i] for i in idx], [run.rejected[i] for i in idx],
                               model.pad_id, device)
         loss = pair_loss(rw, rl, cfg).mean()
+        reg = model.regularizer(len(run.chosen))  # η·KL of a BNRM head (bayesrm.bnrm); None for the linear head
+        if reg is not None:
+            loss = loss + reg
     acc.backward(loss / scale)
     return float(loss.detach())
 
