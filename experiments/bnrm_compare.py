@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import pearsonr
 
 from bayesrm.bnrm import explain_factors
@@ -33,7 +34,7 @@ from bayesrm.metrics import auroc, pair_metrics
 from bayesrm.model import CONFIG_NAME, RewardModel, RMConfig
 from bayesrm.objectives import penalize_std, penalize_var
 from bayesrm.plots import plot_bon, plot_k_sweep
-from bayesrm.pool import load_pool
+from bayesrm.pool import Pool, load_pool
 from bayesrm.train import MODEL_DIR, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,49 +140,103 @@ def length_bias(pairs: list[Pair], s: dict[str, np.ndarray]) -> dict[str, float]
             "pearson_log_chars": float(pearsonr(np.log(chars), r).statistic)}
 
 
-def bon_stage(args: argparse.Namespace, out: Path, model: RewardModel) -> dict[str, Any]:
+def _within_prompt_spearman(a: list[list[float]], b: list[list[float]]) -> float:
+    """Mean over prompts of Spearman(a, b) within each prompt's candidates."""
+    from scipy.stats import spearmanr
+
+    vals = [float(spearmanr(x, y).statistic) for x, y in zip(a, b, strict=True) if np.std(x) > 0 and np.std(y) > 0]
+    return float(np.mean(vals))
+
+
+NULL_GENERATOR = "example"  # AlpacaEval's constant adversarial response (" } } } verify }:param …"), gold ≈ 0.85
+
+
+def _curves(pool: Pool, keep: list[list[bool]], scores: dict[str, tuple[np.ndarray, np.ndarray]], seed: int,
+            n_boot: int, k_sweep: list[float]) -> tuple[list[BonCurve], dict[str, dict[float, float]]]:
+    """BoN curves on the candidates with `keep`: MAP/LA of the BT proxies, mean and vi penalties of BNRM."""
+    def sub(x: list[list[float]]) -> list[list[float]]:
+        return [[v for v, k in zip(row, ks, strict=True) if k] for row, ks in zip(x, keep, strict=True)]
+
+    gold = sub(pool.gold)
+    ns = default_ns(min(len(g) for g in gold))
+    curves, sweep = [], {"std": {}, "var": {}}  # type: ignore[var-annotated]
+    for tag, (m, v) in scores.items():
+        mean, var = torch.as_tensor(m), torch.as_tensor(v)
+        sel_mean = sub(pool.unflatten(mean.tolist()))
+        sels = {"map" if tag == "BT seed 0" else f"map ({tag})" if tag.startswith("BT") else f"bnrm:mean ({tag})": mean}
+        fam = "la" if tag.startswith("BT") else "vi"
+        if tag in ("BT seed 0", "BNRM seed 0"):
+            sels |= {f"{fam}:std:k=1" + ("" if fam == "la" else f" ({tag})"): penalize_std(mean, var, 1.0),
+                     f"{fam}:var:k=1" + ("" if fam == "la" else f" ({tag})"): penalize_var(mean, var, 1.0)}
+        for label, r in sels.items():
+            curves.append(bon_curve(label, sub(pool.unflatten(r.tolist())), sel_mean, gold, ns, n_boot=n_boot,
+                                    seed=seed))
+        if tag == "BNRM seed 0":
+            for pen, fn in (("std", penalize_std), ("var", penalize_var)):
+                for k in k_sweep:
+                    c = bon_curve(f"vi:{pen}:k={k}", sub(pool.unflatten(fn(mean, var, k).tolist())), sel_mean, gold,
+                                  [ns[-1]], n_boot=10)
+                    sweep[pen][float(k)] = float(c.gold[-1])
+    return curves, sweep
+
+
+def bon_stage(args: argparse.Namespace, out: Path, models: dict[str, RewardModel]) -> dict[str, Any]:
+    """BoN on the demo's evaluation pool with its gold: BNRM proxies next to the demo's BT MAP / LA proxies.
+
+    Twice: on the whole pool, as the demo, and without the null-model candidates, which the judge rates highly.
+    """
     pool = load_pool(args.demo / "data" / "eval_pool.jsonl")
+    assert pool.gold is not None and pool.generators is not None
     prompts, responses = pool.flat()
-
-    def compute() -> dict[str, np.ndarray]:
-        m, v = model.predict_moments(prompts, responses, args.batch_size)
-        return {"mean": m.numpy(), "var": v.numpy()}
-
-    sc = cached(out / "bnrm_demo" / "eval_scores.npz", compute)
-    mean, var = torch.as_tensor(sc["mean"]), torch.as_tensor(sc["var"])
-    gold = pool.gold
-    assert gold is not None
-    ns = default_ns(min(pool.sizes()))
     stored = json.loads((args.demo / "results.json").read_text())
     seed, n_boot = stored["config"]["seed"], stored["config"]["n_boot"]
-    # sanity: the stored MAP curve is reproduced from the demo's cached member_0 scores on this pool
-    with np.load(args.demo / "proxy" / "member_0" / "eval_scores.npz") as z:
-        map_scores = pool.unflatten(z["mean"].tolist())
-    check = bon_curve("map", map_scores, map_scores, gold, ns, n_boot=n_boot, seed=seed)
-    ref = next(c for c in stored["curves"] if c["name"] == "map")
-    assert np.allclose(check.gold, ref["gold"]), "demo pool/gold mismatch"
-    curves = [BonCurve.from_dict(c) for c in stored["curves"] if c["name"] in ("map", "la:std:k=1", "la:var:k=1")]
-    sel_mean = pool.unflatten(mean.tolist())
-    bnrm_sel = {"bnrm:mean": mean, "bnrm vi:std:k=1": penalize_std(mean, var, 1.0),
-                "bnrm vi:var:k=1": penalize_var(mean, var, 1.0)}
-    for name, sel in bnrm_sel.items():
-        curves.append(bon_curve(name, pool.unflatten(sel.tolist()), sel_mean, gold, ns, n_boot=n_boot, seed=seed))
-    sweep: dict[str, dict[float, float]] = {"std": {}, "var": {}}
-    for pen, fn in (("std", penalize_std), ("var", penalize_var)):
-        for k in args.k_sweep:
-            c = bon_curve(f"vi:{pen}:k={k}", pool.unflatten(fn(mean, var, k).tolist()), sel_mean, gold, [ns[-1]],
-                          n_boot=10)
-            sweep[pen][float(k)] = float(c.gold[-1])
-    plot_bon(curves, args.docs / "bnrm_bon.png",
-             f"Best-of-n, demo pool ({len(pool)} prompts): BT MAP / Laplace vs BNRM (gold: AlpacaEval judge)")
-    plot_k_sweep(sweep, args.docs / "bnrm_k_sweep.png", f"BNRM penalty weight k: gold at n={ns[-1]}")
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for i in range(2):  # the demo's BT proxies with their Laplace variances (member_1: demo with MEMBERS=2)
+        f = args.demo / "proxy" / f"member_{i}" / "eval_scores.npz"
+        if f.exists():
+            with np.load(f) as z:
+                scores[f"BT seed {i}"] = (z["mean"], z["var"])
+    for name, model in models.items():
+        def compute(model: RewardModel = model) -> dict[str, np.ndarray]:
+            m, v = model.predict_moments(prompts, responses, args.batch_size)
+            return {"mean": m.numpy(), "var": v.numpy()}
+
+        sc = cached(out / name / "eval_scores.npz", compute)
+        scores["BNRM seed " + (name.split("_s")[1] if "_s" in name else "0")] = (sc["mean"], sc["var"])
+    res: dict[str, Any] = {}
+    null = [[g == NULL_GENERATOR for g in gs] for gs in pool.generators]
     words = np.array([len(r.split()) for r in responses])
-    return {"curves": [c.to_dict() for c in curves], "k_sweep_gold_at_max_n": sweep,
-            "la_k_sweep_gold_at_max_n": stored.get("k_sweep_gold_at_max_n"),
-            "pool_pearson_words_bnrm": float(pearsonr(words, sc["mean"]).statistic),
-            "pool_pearson_words_bt": float(pearsonr(words, np.concatenate([np.asarray(x) for x in map_scores]))
-                                           .statistic),
-            "pool_mean_sigma_over_sd_mean": float(np.sqrt(sc["var"]).mean() / sc["mean"].std())}
+    for variant, keep in (("all", [[True] * len(gs) for gs in pool.generators]),
+                          ("no_null", [[not n for n in row] for row in null])):
+        curves, sweep = _curves(pool, keep, scores, seed, n_boot, args.k_sweep)
+        if variant == "all":  # sanity: the demo's stored MAP / LA curves are reproduced on this pool
+            for c in stored["curves"]:
+                mine = next((x for x in curves if x.name == c["name"]), None)
+                assert mine is None or np.allclose(mine.gold, c["gold"]), f"demo pool mismatch at {c['name']}"
+        suffix = "" if variant == "all" else "_no_null"
+        title = "Best-of-n, demo pool" + (" without the null-model candidates" if suffix else "")
+        plot_bon(curves, args.docs / f"bnrm_bon{suffix}.png", f"{title} ({len(pool)} prompts; gold: AlpacaEval judge)")
+        plot_k_sweep(sweep, args.docs / f"bnrm_k_sweep{suffix}.png", "BNRM vi penalty weight k: gold at n=max")
+        top = {}
+        for tag, (m, _) in scores.items():
+            s = pool.unflatten(m.tolist())
+            picks = [int(np.argmax(np.where(keep[i], row, -np.inf))) for i, row in enumerate(s)]  # n=max choice
+            kept = [([v for v, k in zip(r, ks, strict=True) if k], [g for g, k in zip(gs, ks, strict=True) if k])
+                    for r, gs, ks in zip(s, pool.gold, keep, strict=True)]
+            top[tag] = {"null_picked_at_max_n": float(np.mean([null[i][j] for i, j in enumerate(picks)])),
+                        "within_prompt_spearman_gold": _within_prompt_spearman([a for a, _ in kept],
+                                                                               [b for _, b in kept])}
+        res[variant] = {"curves": [c.to_dict() for c in curves], "k_sweep_gold_at_max_n": sweep, "proxies": top}
+    res["null_gold_mean"] = float(np.mean([g for gs, ns_ in zip(pool.gold, null, strict=True)
+                                           for g, n in zip(gs, ns_, strict=True) if n]))
+    res["pool_pearson_words"] = {t: float(pearsonr(words, m).statistic) for t, (m, _) in scores.items()}
+    res["sigma"] = {t: {"mean_sigma_over_sd_mean": float(np.sqrt(v).mean() / m.std()),
+                        "pearson_mean_sigma": float(pearsonr(m, np.sqrt(v)).statistic),
+                        "within_prompt_spearman_mean_sigma": _within_prompt_spearman(
+                            pool.unflatten(m.tolist()), pool.unflatten(np.sqrt(v).tolist()))}
+                    for t, (m, v) in scores.items()}
+    res["la_k_sweep_gold_at_max_n"] = stored.get("k_sweep_gold_at_max_n")
+    return res
 
 
 def md_table(res: dict[str, Any]) -> str:
@@ -201,16 +256,22 @@ def md_table(res: dict[str, Any]) -> str:
     if "sigma_auroc" in res:
         lines += ["", "AUROC of BNRM σ (chosen responses), AlpacaEval eval vs hh: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res["sigma_auroc"].items())]
-    if "bon" in res:
-        lines += ["", "| BoN method | gold n=1 | gold n=max (KL) | best gold (KL) |", "|---|---|---|---|"]
-        for c in res["bon"]["curves"]:
+    for variant, title in (("all", "whole demo pool"), ("no_null", "without the null-model candidates")):
+        if variant not in res.get("bon", {}):
+            continue
+        bon = res["bon"][variant]
+        lines += ["", f"BoN, {title}:", "", "| method | gold n=1 | gold n=max (KL) | best gold (KL) |",
+                  "|---|---|---|---|"]
+        for c in bon["curves"]:
             b = int(np.argmax(c["gold"]))
             hw = (c["gold_hi"][-1] - c["gold_lo"][-1]) / 2
             lines.append(f"| {c['name']} | {c['gold'][0]:.4f} | {c['gold'][-1]:.4f} ± {hw:.4f} ({c['kl'][-1]:.2f}) "
                          f"| {c['gold'][b]:.4f} ({c['kl'][b]:.2f}) |")
-        sw = res["bon"]["k_sweep_gold_at_max_n"]
-        lines += ["", "k sweep (gold at n=max): " + "; ".join(
-            f"vi:{p} " + ", ".join(f"k={k:g}: {v:.3f}" for k, v in sw[p].items()) for p in sw)]
+        sw = bon["k_sweep_gold_at_max_n"]
+        lines += ["", "vi k sweep (gold at n=max): " + "; ".join(
+            f"{p} " + ", ".join(f"k={float(k):g}: {v:.3f}" for k, v in sw[p].items()) for p in sw)]
+        lines += ["", "top pick at n=max is the null-model response: " + ", ".join(
+            f"{t} {v['null_picked_at_max_n']:.0%}" for t, v in bon["proxies"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +289,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--k-sweep", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16, 64])
     ap.add_argument("--stages", default="models,scores,bon,factors", help="comma-separated subset to run")
-    ap.add_argument("--models", default="bnrm_clean,bt_noise25,bnrm_noise25,bnrm_demo",
+    ap.add_argument("--demo-members", type=int, default=2, help="BNRM demo proxies (seeds 0..M-1)")
+    ap.add_argument("--models", default="bnrm_clean,bt_noise25,bnrm_noise25,bnrm_demo,bnrm_demo_s1",
                     help="models the 'models' stage trains (later stages train what they need)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -251,8 +313,10 @@ def main() -> None:
         if name not in models:
             if name == "bt_clean":
                 models[name] = RewardModel.load(args.alpaca)
-            elif name == "bnrm_demo":
-                models[name] = get_model(name, out, dmc, dtc, data["demo_train"], "bnrm", args.bnrm)
+            elif name.startswith("bnrm_demo"):  # bnrm_demo_s<i>: LoRA-init and data-order seeds + i
+                i = int(name.split("_s")[1]) if "_s" in name else 0
+                mc_i, tc_i = replace(dmc, lora_seed=dmc.lora_seed + i), replace(dtc, data_seed=dtc.data_seed + i)
+                models[name] = get_model(name, out, mc_i, tc_i, data["demo_train"], "bnrm", args.bnrm)
             else:
                 head, _, key = specs[name]
                 models[name] = get_model(name, out, mc, tc, data[key], head, args.bnrm)
@@ -280,19 +344,26 @@ def main() -> None:
                     lambda: score_pairs(model("bnrm_demo"), data["demo_val"][:160], args.batch_size))
         res["demo_val_bnrm"] = pair_row(dv)
     if "bon" in stages:
-        res["bon"] = bon_stage(args, out, model("bnrm_demo"))
+        demo = ["bnrm_demo"] + [f"bnrm_demo_s{i}" for i in range(1, args.demo_members)]
+        res["bon"] = bon_stage(args, out, {n: model(n) for n in demo})
     if "factors" in stages:
         seen = list(dict.fromkeys([(p.prompt, p.chosen) for p in data["eval"]]
                                   + [(p.prompt, p.rejected) for p in data["eval"]]))
+        ps, rs = [a for a, _ in seen], [b for _, b in seen]
         for name in ("bnrm_clean", "bnrm_demo"):
-            for by in ("phi", "contribution"):
-                rep = explain_factors(model(name), [a for a, _ in seen], [b for _, b in seen], 10, 5,
-                                      args.batch_size, by)
+            theta = model(name).factor_activations(ps, rs, args.batch_size)  # (N, K)
+            for by in ("phi", "contribution", "spread"):
+                rep = explain_factors(model(name), ps, rs, 10, 5, args.batch_size, by, theta=theta)
                 atomic_write_json(out / f"factors_{name}_{by}.json", rep)
                 res.setdefault("factors", {})[f"{name}_{by}"] = {
-                    "active_phi": rep["active_phi"], "k": rep["k"],
-                    "top": [{k: f[k] for k in ("factor", "phi", "mean_theta", "active_frac", "length_corr")}
+                    "active_phi": rep["active_phi"], "active_theta": rep["active_theta"], "k": rep["k"],
+                    "top": [{k: f[k] for k in ("factor", "phi", "mean_theta", "std_theta", "active_frac",
+                                               "length_corr")}
                             | {"top_words": [x["words"] for x in f["top"]]} for f in rep["factors"]]}
+            # the first principal direction of θΦ over responses, and how much of the reward spread it carries
+            c = theta * F.relu(model(name).bnrm_head.phi.detach()).double()  # (N, K) per-factor contributions
+            sv = torch.linalg.svdvals(c - c.mean(0))
+            res["factors"][f"{name}_svd_top1_share"] = float(sv[0] ** 2 / (sv ** 2).sum())
     prev = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     res = prev | {k: v for k, v in res.items() if v}
     atomic_write_json(out / "results.json", res)

@@ -78,3 +78,9 @@ def test_alpaca_eval_pool_gold_is_judge_probability() -> None:
     # the reference model judged against itself sits at 0.5 (a draw)
     i = pool.generators[0].index("gpt4_1106_preview")
     assert abs(pool.gold[0][i] - 0.5) < 0.05
+    # the adversarial constant-output "null model" is dropped by default; kept, the judge rates it far above the pool
+    assert not any("example" in g for g in pool.generators)
+    raw = alpaca_eval_pool(DATA, exclude_generators=())
+    null = [g for gens, golds in zip(raw.generators or [], raw.gold or [], strict=True)
+            for name, g in zip(gens, golds, strict=True) if name == "example"]
+    assert len(null) > 700 and sum(null) / len(null) > 0.7 > 3 * sum(flat) / len(flat)

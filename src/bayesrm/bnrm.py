@@ -260,23 +260,30 @@ def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def explain_factors(model: RewardModel, prompts: Sequence[str], responses: Sequence[str], top_k: int = 10,
-                    per_factor: int = 5, batch_size: int = 32, by: str = "phi") -> dict[str, Any]:
-    """The top-k factors (by E[Φ_k], or by mean contribution θ̄_k Φ_k with by="contribution") and, for each,
-    the responses with the largest θ_k, their lengths in words, and Pearson r(θ_k, length) over all responses."""
-    if by not in ("phi", "contribution"):
-        raise ValueError(f"by must be 'phi' or 'contribution', got {by!r}")
-    theta = model.factor_activations(prompts, responses, batch_size)  # (N, K)
+                    per_factor: int = 5, batch_size: int = 32, by: str = "phi", theta: torch.Tensor | None = None
+                    ) -> dict[str, Any]:
+    """Top-k factors and, for each, the responses with the largest θ_k, their lengths in words and r(θ_k, length).
+
+    Ranking `by`: "phi" (E[Φ_k], the paper's App. B), "contribution" (mean θ_k Φ_k: what the reward is made of)
+    or "spread" (std of θ_k Φ_k over the responses: what moves rewards between them). `theta`: precomputed
+    `model.factor_activations(prompts, responses)` (N, K).
+    """
+    if by not in ("phi", "contribution", "spread"):
+        raise ValueError(f"by must be 'phi', 'contribution' or 'spread', got {by!r}")
+    if theta is None:
+        theta = model.factor_activations(prompts, responses, batch_size)  # (N, K)
     phi = F.relu(model.bnrm_head.phi.detach()).double().cpu()  # (K,)
     words = torch.tensor([len(r.split()) for r in responses], dtype=torch.double)  # (N,)
-    rank = phi if by == "phi" else theta.mean(0) * phi
+    rank = {"phi": phi, "contribution": theta.mean(0) * phi, "spread": theta.std(0) * phi}[by]
     factors = []
     for k in torch.argsort(rank, descending=True)[:top_k].tolist():
         col = theta[:, k]  # (N,)
         top = torch.argsort(col, descending=True)[:per_factor].tolist()
         factors.append({
-            "factor": k, "phi": float(phi[k]), "mean_theta": float(col.mean()),
+            "factor": k, "phi": float(phi[k]), "mean_theta": float(col.mean()), "std_theta": float(col.std()),
             "active_frac": float((col > 2e-6).double().mean()), "length_corr": _pearson(col, words),
             "top": [{"prompt": prompts[i], "response": responses[i], "theta": float(col[i]),
                      "words": int(words[i])} for i in top]})
-    return {"k": int(phi.numel()), "active_phi": int((phi > 0).sum()), "n_responses": len(responses),
-            "ranked_by": by, "factors": factors}
+    return {"k": int(phi.numel()), "active_phi": int((phi > 0).sum()),
+            "active_theta": int((theta > 2e-6).any(0).sum()), "n_responses": len(responses), "ranked_by": by,
+            "factors": factors}

@@ -26,7 +26,7 @@ from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, LaplacePosterior, fit_
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.objectives import parse_spec, reference_stats, standardize, standardize_var
-from bayesrm.pool import Pool, alpaca_eval_pool, load_pool
+from bayesrm.pool import NULL_MODELS, Pool, alpaca_eval_pool, load_pool
 from bayesrm.progress import progress_bar
 from bayesrm.train import MODEL_DIR, TrainConfig, reward_deltas
 
@@ -38,6 +38,7 @@ class BonConfig:
     pool: str = "alpaca_eval"  # "alpaca_eval" (bundled judged pool) or a jsonl with prompt/response/gold
     data_dir: str = "../shared/data"  # where alpaca_eval/annotations.jsonl.gz lives
     gold: str = "pool"  # "pool": the pool's own gold column (judged data); else a reward model (bayesrm dir or HF id)
+    exclude_generators: list[str] = field(default_factory=lambda: list(NULL_MODELS))  # alpaca_eval: judge exploits
     seed: int = 0  # prompt split, pair sampling and label noise
     train_frac: float = 0.5  # fraction of prompts for proxy training (rest: validation + BoN evaluation)
     val_frac: float = 0.1  # fraction of prompts for validation pairs (τ grid, calibration)
@@ -126,7 +127,10 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
     t0 = time.time()
-    pool = alpaca_eval_pool(cfg.data_dir) if cfg.pool == "alpaca_eval" else load_pool(cfg.pool)
+    if cfg.pool == "alpaca_eval":
+        pool = alpaca_eval_pool(cfg.data_dir, exclude_generators=cfg.exclude_generators)
+    else:
+        pool = load_pool(cfg.pool)
     if cfg.gold != "pool":
         log(f"scoring the pool with the gold reward model {cfg.gold}")
         pool.gold = pool.unflatten(RewardModelGold(cfg.gold)(*pool.flat()))

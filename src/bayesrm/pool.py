@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,13 +83,20 @@ def load_pool(path: str | Path, min_size: int = 2) -> Pool:
                 [[str(s) for _, _, s in by_prompt[p]] for p in prompts], {"source": str(path)})
 
 
-def alpaca_eval_pool(data_dir: str | Path, annotator: str = ALPACA_WEIGHTED, min_size: int = 8) -> Pool:
+NULL_MODELS = ("example",)  # AlpacaEval's adversarial constant-output entry (a judge exploit)
+
+
+def alpaca_eval_pool(data_dir: str | Path, annotator: str = ALPACA_WEIGHTED, min_size: int = 8,
+                     exclude_generators: Sequence[str] = NULL_MODELS) -> Pool:
     """AlpacaEval pool: per prompt, every annotated model's output with a GPT-4-turbo judged gold reward.
 
     Gold = preference − 1 = P(output beats the gpt4_1106_preview reference) from the weighted judge
     (AlpacaEval 2). The pool is a *mixture policy* over the annotated models, not samples of one policy.
-    Empty outputs are dropped.
+    Empty outputs and the outputs of `exclude_generators` are dropped: by default the adversarial "null model"
+    (generator `example`: the same nonsense string for every prompt) that the judge rates ~0.85 — a judge
+    exploit, not a response, which any proxy that learns it selects at large n.
     """
+    exclude = set(exclude_generators)
     path = Path(data_dir) / "alpaca_eval" / "annotations.jsonl.gz"
     if not path.exists():
         raise DataError("AlpacaEval annotations not found (pass --data-dir pointing at shared/data)", file=str(path))
@@ -101,7 +108,7 @@ def alpaca_eval_pool(data_dir: str | Path, annotator: str = ALPACA_WEIGHTED, min
             if row.get("annotator") != annotator or row.get("preference") is None:
                 continue
             out = row.get("output_2")
-            if not isinstance(out, str) or not out.strip():
+            if not isinstance(out, str) or not out.strip() or str(row.get("generator_2")) in exclude:
                 continue
             prompt = row["instruction"]
             if prompt not in cands:
@@ -111,4 +118,5 @@ def alpaca_eval_pool(data_dir: str | Path, annotator: str = ALPACA_WEIGHTED, min
     return Pool(prompts, [[c[0] for c in cands[p]] for p in prompts], [[c[1] for c in cands[p]] for p in prompts],
                 [[c[2] for c in cands[p]] for p in prompts],
                 {"source": str(path), "annotator": annotator, "policy": "mixture of AlpacaEval models",
-                 "gold": "P(beats gpt4_1106_preview), GPT-4-turbo weighted judge"})
+                 "gold": "P(beats gpt4_1106_preview), GPT-4-turbo weighted judge",
+                 "excluded_generators": sorted(exclude)})
