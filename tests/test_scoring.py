@@ -58,6 +58,16 @@ def test_ensemble_specs(laplace_ensemble: Path) -> None:
     torch.testing.assert_close(la.std, var.sqrt())
 
 
+def test_vi_penalties_read_the_bnrm_posterior(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model = RewardModel(tiny_cfg("bert", head="bnrm", bnrm={"k": 8}))
+    model.save(tmp_path / "bnrm")
+    s = Scorer.load(tmp_path / "bnrm", "vi:std:k=0.5")(PROMPTS, RESPONSES)
+    mu, var = RewardModel.load(tmp_path / "bnrm").predict_moments(PROMPTS, RESPONSES)
+    assert s.std is not None and (s.std > 0).all()
+    torch.testing.assert_close(s.reward, mu)
+    torch.testing.assert_close(s.selection, mu - 0.5 * var.sqrt())
+
+
 def test_errors_name_the_missing_piece(laplace_ensemble: Path, tmp_path: Path) -> None:
     model = RewardModel.load(laplace_ensemble / "member_0")
     model.save(tmp_path / "bare")  # same weights, no posterior

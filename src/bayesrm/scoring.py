@@ -45,6 +45,7 @@ class Scorer:
 
     def __init__(self, model: Any, spec: str | SelectionSpec = "map", posteriors: Sequence[Any] | None = None,
                  batch_size: int = 16) -> None:
+        from bayesrm.bnrm import BNRMHead
         from bayesrm.ensemble import EnsembleRewardModel
 
         self.spec = parse_spec(spec)
@@ -59,7 +60,7 @@ class Scorer:
         fam = self.spec.family
         if fam is Family.LA and not self.posteriors:
             raise ValueError(f"spec '{self.spec}' needs a Laplace posterior; run `bayesrm laplace MODEL` first")
-        if fam is Family.VI and not getattr(model, "has_bnrm_head", False):
+        if fam is Family.VI and not isinstance(getattr(model, "head", None), BNRMHead):
             raise ValueError(f"spec '{self.spec}' needs a BNRM model (train with --head bnrm)")
 
     @classmethod
@@ -97,7 +98,7 @@ class Scorer:
                 mu, var = self.posteriors[0].predict(self.model, prompts, responses, bs, progress)
                 return mu.unsqueeze(0), var.unsqueeze(0)
             if fam is Family.VI:
-                mu, var = self.model.predict_moments(prompts, responses, bs)
+                mu, var = self.model.predict_moments(prompts, responses, bs, progress)
                 return mu.unsqueeze(0).double(), var.unsqueeze(0).double()
             if fam is Family.LA_ENS and self.spec.needs_variance:
                 return self.model.predict_members(self.posteriors, prompts, responses, bs, progress)
