@@ -23,7 +23,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/bayesrm demo --data-dir $(DATA) --out $(DEMO_OUT) --members $(MEMBERS)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 
 typecheck: install
 	$(BIN)/mypy src

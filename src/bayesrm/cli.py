@@ -478,7 +478,7 @@ def explain_cmd(
     data: Annotated[str, typer.Argument(help="pairs (chosen and rejected are scored) or rows with prompt/response")],
     top_k: Annotated[int, typer.Option(help="factors to list")] = 10,
     per_factor: Annotated[int, typer.Option(help="responses shown per factor")] = 5,
-    by: Annotated[str, typer.Option(help="rank factors by phi (paper) | contribution (mean θ_k·Φ_k)")] = "phi",
+    by: Annotated[str, typer.Option(help="rank by phi (paper) | contribution (mean θ_k·Φ_k) | spread (std)")] = "phi",
     limit: int | None = None,
     batch_size: int = 32,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the full report here")] = None,
@@ -501,7 +501,8 @@ def explain_cmd(
         pairs = _load(data, format, field, skip_invalid, limit)
         items = list(dict.fromkeys([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]))
     rep = explain_factors(model, [p for p, _ in items], [r for _, r in items], top_k, per_factor, batch_size, by)
-    console.print(f"{rep['n_responses']} responses; {rep['active_phi']} of {rep['k']} factors have Φ > 0")
+    console.print(f"{rep['n_responses']} responses; of {rep['k']} factors, {rep['active_phi']} have Φ > 0 and "
+                  f"{rep['active_theta']} a θ > 0 on some response")
     for f in rep["factors"]:
         t = Table(title=f"factor {f['factor']}: Φ={f['phi']:.4g}, mean θ={f['mean_theta']:.4g}, "
                         f"active {f['active_frac']:.0%}, r(θ, words)={f['length_corr']:.2f}")
@@ -578,6 +579,27 @@ def merge_cmd(
     pruned = f", {log['pruned_fraction']:.0%} of (model, layer) task vectors pruned" if "masks" in log else ""
     console.print(f"merged {len(models)} models by {log['method']} ({log['representation']}, max relative SVD error "
                   f"{max(errs):.3g}{pruned}) into {out}; log in {out / 'merge.json'}")
+
+
+@app.command("rlhf")
+@_friendly
+def rlhf_cmd(
+    config: Annotated[Path, typer.Argument(help="RLHF experiment config (.toml or .json), e.g. configs/rlhf_cpu.toml")],
+    out: Annotated[Path, typer.Option(help="output directory, one sub-folder per run (resumable)")] = Path(
+        "runs/rlhf"),
+    only: Annotated[list[str] | None, typer.Option(help="run only these runs of the config (repeatable)")] = None,
+    steps: Annotated[int | None, typer.Option(help="override the config's optimiser steps")] = None,
+) -> None:
+    """RLHF overoptimisation: RLOO/GRPO on a proxy RM per selection spec; gold, proxy and KL per step."""
+    from bayesrm.rlhf import load_config, run_rlhf
+
+    cfg = load_config(config)
+    if steps is not None:
+        cfg.steps = steps
+    results = run_rlhf(cfg, out, only=only, log=console.print)
+    console.print((out / "results.md").read_text())
+    done = ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in results["runs"].items())
+    console.print(f"results: {out / 'results.json'}, plot: {out / 'rlhf.png'} ({done})")
 
 
 def main() -> None:  # pragma: no cover

@@ -50,6 +50,7 @@ class PolicyConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_layers: int | None = None  # adapt only the last N decoder layers (backprop stops there); None: all
     bf16: bool = False  # bfloat16 mixed precision (GPU)
 
 
@@ -65,6 +66,7 @@ class RLHFConfig:
     exclude: list[str] = field(default_factory=lambda: ["runs/demo/data/train.jsonl"])  # held-out: their prompts
     n_prompts: int = 128  # distinct training prompts (cycled through)
     max_prompt_chars: int = 300  # skip longer instructions (CPU budget)
+    system_prompt: str | None = None  # prepended as a system message; None keeps the chat template's default
     seed: int = 0  # prompt choice and order, sampling, LoRA init
     steps: int = 40  # optimiser steps; one generation batch each
     prompts_per_step: int = 16
@@ -189,7 +191,7 @@ class GoldMonitor:
     def __init__(self, proxy: RewardFunction, gold: Scorer, rows_path: Path | None = None) -> None:
         self.proxy, self.gold, self.rows_path = proxy, gold, rows_path
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         p, c = self.proxy.texts(prompts, completions, **kwargs)
         s = self.proxy.scorer.score(p, c)
         g = self.gold.score(p, c).reward  # (N,) never returned: gold does not shape the policy
@@ -214,28 +216,42 @@ class GoldMonitor:
 # --------------------------------------------------------------------------- one run
 
 
-def _progress_callback(total: int, description: str) -> Any:
-    """A transformers TrainerCallback drawing a rich progress bar with the latest gold / proxy / KL."""
+def _progress_callback(total: int, description: str, log: Callable[[str], None]) -> Any:
+    """A transformers TrainerCallback: rich progress bar with the latest gold / proxy / KL (a log line per step
+    when stderr is not a terminal)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from transformers import TrainerCallback
 
-    class _Bar(TrainerCallback):  # type: ignore[misc]
+    class _Bar(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            console = Console(stderr=True)
+            self.lines = not console.is_terminal
             self.prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+                                 TextColumn("{task.fields[info]}"), console=console, disable=self.lines)
             self.prog.start()
             self.task = self.prog.add_task(description, total=total, completed=state.global_step, info="")
+            self.t0, self.step0 = time.time(), state.global_step
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    **kw: Any) -> None:
-            if logs and "gold" in logs:
-                info = f"gold {logs['gold']:.3f} proxy {logs.get('rewards/proxy/mean', float('nan')):.3f}"
-                if "kl" in logs:
-                    info += f" KL {logs['kl'] * logs.get('completions/mean_length', 1.0):.2f}"
-                self.prog.update(self.task, info=info)
+            if not logs or "gold" not in logs:
+                return
+            kl = logs.get("kl", float("nan")) * logs.get("completions/mean_length", float("nan"))
+            info = (f"gold {logs['gold']:.3f} proxy {logs.get('proxy_reward', float('nan')):.3f} "
+                    f"σ {logs.get('sigma', float('nan')):.3f} KL {kl:.2f}")
+            self.prog.update(self.task, info=info)
+            if self.lines:
+                per_step = (time.time() - self.t0) / max(state.global_step - self.step0, 1)
+                log(f"{description} step {state.global_step}/{total}: {info} ({per_step:.0f} s/step)")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.prog.update(self.task, completed=state.global_step)
@@ -267,22 +283,27 @@ def run_one(cfg: RLHFConfig, name: str, out_dir: str | Path, policy: str | None 
     proxy = RewardFunction.load(cfg.proxy, score_spec, device=device, batch_size=cfg.score_batch_size, name="proxy")
     gold = Scorer.load(cfg.gold, "map", device=device, batch_size=cfg.score_batch_size)
     texts = select_prompts(cfg)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": t}]} for t in texts])
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else []
+    data = Dataset.from_list([{"prompt": [*system, {"role": "user", "content": t}]} for t in texts])
     path = policy or policy_path(cfg.policy, log)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    n_layers = int(model.config.num_hidden_layers)
+    top = cfg.policy.lora_layers
     lora = LoraConfig(r=cfg.policy.lora_r, lora_alpha=cfg.policy.lora_alpha, lora_dropout=cfg.policy.lora_dropout,
-                      target_modules=list(cfg.policy.target_modules), task_type="CAUSAL_LM")
+                      target_modules=list(cfg.policy.target_modules), task_type="CAUSAL_LM",
+                      layers_to_transform=list(range(max(n_layers - top, 0), n_layers)) if top else None)
     batch = cfg.prompts_per_step * cfg.num_generations
-    common = dict(output_dir=str(out), max_steps=cfg.steps, learning_rate=cfg.lr, beta=cfg.beta,
-                  per_device_train_batch_size=cfg.micro_batch, gradient_accumulation_steps=batch // cfg.micro_batch,
-                  num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-                  temperature=cfg.temperature, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-                  save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2, seed=cfg.seed,
-                  report_to=[], disable_tqdm=True, use_cpu=not cuda, bf16=cfg.policy.bf16 and cuda,
-                  activation_checkpointing=False, log_completions=False)
+    common: dict[str, Any] = dict(
+        output_dir=str(out), max_steps=cfg.steps, learning_rate=cfg.lr, beta=cfg.beta,
+        per_device_train_batch_size=cfg.micro_batch, gradient_accumulation_steps=batch // cfg.micro_batch,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
+        save_strategy="steps", save_steps=cfg.save_every, save_total_limit=2, seed=cfg.seed,
+        report_to=[], disable_tqdm=True, use_cpu=not cuda, bf16=cfg.policy.bf16 and cuda,
+        activation_checkpointing=False, log_completions=False)
     rows = out / "completions.jsonl"
     monitor = GoldMonitor(proxy, gold, rows)
     trainer: Any
@@ -297,7 +318,10 @@ def run_one(cfg: RLHFConfig, name: str, out_dir: str | Path, policy: str | None 
 
         trainer = GRPOTrainer(model=model, reward_funcs=monitor, train_dataset=data, processing_class=tok,
                               peft_config=lora, args=GRPOConfig(**common))
-    trainer.add_callback(_progress_callback(cfg.steps, f"{name} ({spec})"))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # one line per step from our callback instead of raw dicts
+    trainer.add_callback(_progress_callback(cfg.steps, f"{name} ({spec})", log))
     last = get_last_checkpoint(str(out)) if any(out.glob("checkpoint-*")) else None
     if last is not None:
         log(f"{name}: resuming from {last}")

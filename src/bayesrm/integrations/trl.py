@@ -119,8 +119,8 @@ class RewardFunction:
         return self.scorer.score(p, c, ref)
 
     def __call__(self, prompts: Sequence[str | Sequence[Message]], completions: Sequence[str | Sequence[Message]],
-                 **kwargs: Any) -> list[float]:
-        """One selection reward per completion (TRL's reward-function signature)."""
+                 **kwargs: Any) -> list[float | None]:
+        """One selection reward per completion (TRL's `RewardFunc` signature; never None here)."""
         s = self.scores(prompts, completions, **kwargs)
         log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
         log_extra: Callable[[str, list[Any]], None] | None = kwargs.get("log_extra")
