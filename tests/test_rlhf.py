@@ -14,6 +14,7 @@ from bayesrm.model import resolve_backbone
 from bayesrm.rlhf import (
     PolicyConfig,
     RLHFConfig,
+    add_prompt_deltas,
     final_summary,
     load_config,
     policy_path,
@@ -78,6 +79,17 @@ def test_step_history_and_summary() -> None:
     assert f["gold_start"] == -1 and f["gold_end"] == pytest.approx(-2.5) and f["kl_seq_end"] == pytest.approx(0.25)
 
 
+def test_prompt_deltas_centre_each_prompt_on_its_first_pass(tmp_path: Path) -> None:
+    rows = [{"step": st, "prompt": p, "gold": g, "reward": r} for st, p, g, r in [
+        (1, "a", 1.0, 0.0), (1, "a", 3.0, 0.0), (2, "b", -5.0, 1.0), (3, "a", 2.5, 0.5), (3, "b", -4.0, 1.0),
+        (4, "new", 9.0, 9.0)]]  # "new" has no first-pass baseline: skipped
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    h = add_prompt_deltas([{"step": s} for s in (1, 2, 3, 4)], f, first_pass=2)
+    assert [x["gold_delta"] for x in h[:3]] == pytest.approx([0.0, 0.0, 0.75])  # (0.5 + 1.0) / 2 at step 3
+    assert h[2]["proxy_delta"] == pytest.approx(0.25) and h[3]["gold_delta"] != h[3]["gold_delta"]  # NaN
+
+
 def test_policy_path_passes_plain_models_through(tmp_path: Path) -> None:
     assert policy_path(PolicyConfig(model=str(tmp_path))) == str(tmp_path)
 
@@ -127,6 +139,7 @@ def test_rlhf_cli_runs_logs_gold_and_resumes(tiny_policy_dir: Path, laplace_ense
     assert [h["step"] for h in la] == [1] and [h["step"] for h in mp] == [1]
     for h in la:
         assert h["sigma"] > 0 and h["proxy"] < h["proxy_reward"]  # trained on r − σ², logged r
+        assert h["gold_delta"] == pytest.approx(0.0, abs=1e-9)  # step 1 is its own first-pass baseline
     assert all(h["proxy"] == pytest.approx(h["proxy_reward"], abs=1e-5) and h["sigma"] > 0 for h in mp)
     rows = [json.loads(x) for x in (out / "la" / "completions.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] * 4  # 2 prompts × 2 generations per step
@@ -146,3 +159,16 @@ def test_rlhf_cli_runs_logs_gold_and_resumes(tiny_policy_dir: Path, laplace_ense
     assert [r["step"] for r in rows] == [1] * 4 + [2] * 4
     res = CliRunner().invoke(app, ["rlhf", str(cfg_file), "--out", str(out), "--only", "nope"])
     assert res.exit_code == 2 and "unknown run" in res.output
+
+
+def test_rloo_run(tiny_policy_dir: Path, laplace_ensemble: Path, tmp_path: Path) -> None:
+    prompts, excl = _write_prompts(tmp_path)
+    cfg = RLHFConfig(proxy=str(laplace_ensemble / "member_0"), gold=str(laplace_ensemble / "member_1"),
+                     runs={"la": "la:std:k=1"}, algorithm="rloo", prompts=str(prompts), exclude=[str(excl)],
+                     n_prompts=4, steps=1, prompts_per_step=2, num_generations=2, max_completion_length=4,
+                     micro_batch=4, save_every=1, policy=PolicyConfig(model=str(tiny_policy_dir), lora_r=2,
+                                                                      lora_alpha=4))
+    (h,) = run_rlhf(cfg, tmp_path / "out", log=lambda _: None)["runs"]["la"]["history"]
+    assert h["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1 samples the initial policy = the reference
+    assert h["sigma"] > 0 and h["proxy"] < h["proxy_reward"]
+    assert (tmp_path / "out" / "la" / "final" / "adapter_model.safetensors").exists()
