@@ -87,7 +87,7 @@ def train_member(out: Path, source: str, seed: int, pairs: Sequence[Pair], args:
     return run / "model"
 
 
-class Scorer:
+class ScoreCache:
     """MAP rewards of every unique (prompt, response) of the eval sets, cached per model on disk."""
 
     def __init__(self, evals: dict[str, list[Pair]], cache: Path) -> None:
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             train_sets[name] = train_sample(train_parts[s], args.train_pairs, seed)
             member_dirs[name] = train_member(out, s, seed, train_sets[name], args)
     # 2. scores of individuals, ensembles and merges on all eval sources
-    scorer = Scorer(evals, out / "scores")
+    scorer = ScoreCache(evals, out / "scores")
     rewards = {n: scorer.rewards(n, _loader(d)) for n, d in member_dirs.items()}
     results: dict[str, Any] = {"individual": {}, "groups": {}}
     for n, r in rewards.items():
