@@ -472,8 +472,7 @@ class LaplacePosterior:
         return post
 
     def check_matches(self, model: RewardModel, atol: float = 1e-6) -> None:
-        """Raise if the model's LoRA weights are not the MAP this posterior was fitted at."""
-        _require_linear_head(model)
+        """Raise if the model's LoRA weights are not the MAP this posterior was fitted at (linear heads only)."""
         params = {k: p.detach() for k, p in model.named_parameters()} | {HEAD_KEY: head_theta(model)}
         for k, b in self.blocks.items():
             if k not in params:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bayesrm.objectives import Family, Rule, SelectionSpec, parse_spec
+from bayesrm.objectives import Family, Rule, SelectionSpec, la_ens, parse_spec
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Scorer:
         means, variances = self.moments(prompts, responses, progress)
         selection = self.spec.apply(means, variances, ref)
         if variances is not None:
-            var = variances[0] if means.shape[0] == 1 else variances.sum(0) / means.shape[0] ** 2  # la-ens: Σσ²/M²
+            var = variances[0] if means.shape[0] == 1 else la_ens(means, variances)[1]
             std: torch.Tensor | None = var.clamp_min(0).sqrt()
         elif self.spec.rule in (Rule.MEAN, Rule.WCO, Rule.UWO):  # ensemble spread across members (ddof 0)
             std = means.std(0, correction=0)
