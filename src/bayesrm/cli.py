@@ -449,7 +449,7 @@ def sample_cmd(
     shard_size: int = 32,
     batch_prompts: int = 4,
     seed: int = 0,
-    backend: Annotated[str, typer.Option(help="auto | transformers | vllm | ctranslate2 (CPU int8, extra ct2)")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto | transformers | vllm | ctranslate2 (CPU int8)")] = "auto",
     threads: Annotated[int, typer.Option(help="ctranslate2 threads")] = 1,
     fmt: Annotated[str, typer.Option(help="shard format: jsonl | parquet (zstd)")] = "jsonl",
     limit: int | None = None,

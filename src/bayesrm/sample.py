@@ -253,7 +253,7 @@ def sample_pool(prompts: Sequence[str], cfg: SampleConfig, out_dir: str | Path,
             continue
         assert generator is not None
         gen, tok = generator
-        rows = []
+        rows: list[dict[str, Any]] = []
         idx = shards[k]
         for b in range(0, len(idx), cfg.batch_prompts):
             chunk = [prompts[i] for i in idx[b:b + cfg.batch_prompts]]
