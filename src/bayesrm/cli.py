@@ -604,6 +604,22 @@ def rlhf_cmd(
     console.print(f"results: {out / 'results.json'}, plot: {out / 'rlhf.png'} ({done})")
 
 
+@app.command("overopt")
+@_friendly
+def overopt_cmd(
+    config: Annotated[Path, typer.Argument(help="TOML config, e.g. configs/bon_smollm.toml")],
+    stage: Annotated[list[str], typer.Option(help="stage(s) to run, in order: split | generate")] = ["generate"],  # noqa: B006
+) -> None:
+    """Overoptimisation on one policy's i.i.d. pool (issue 14): every stage resumable, skipped when done."""
+    from bayesrm.overopt import STAGES, load_config
+
+    cfg = load_config(config)
+    for s in stage:
+        if s not in STAGES:
+            raise ValueError(f"--stage: {s!r} is not one of {list(STAGES)}")
+        STAGES[s](cfg, log=console.print)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -247,6 +248,7 @@ def sample_pool(prompts: Sequence[str], cfg: SampleConfig, out_dir: str | Path,
     if todo and generator is None:
         generator = make_generator(cfg)
     for k in range(len(shards)):
+        t0 = time.time()
         if k not in todo:
             if progress is not None:
                 progress(len(shards[k]))
@@ -265,7 +267,8 @@ def sample_pool(prompts: Sequence[str], cfg: SampleConfig, out_dir: str | Path,
                 progress(len(chunk))
         _write_shard(shard_path(out, k, cfg.fmt), rows, cfg.fmt)
         if log is not None:
-            log(f"shard {k} written ({len(rows)} samples, {sum(r['n_tokens'] for r in rows)} tokens)")
+            tokens, secs = sum(r["n_tokens"] for r in rows), time.time() - t0
+            log(f"shard {k} written: {len(rows)} samples, {tokens} tokens, {secs:.0f} s, {tokens / secs:.1f} tokens/s")
     if cfg.fmt == ShardFormat.PARQUET.value:
         return out
     merged = out / "pool.jsonl"
