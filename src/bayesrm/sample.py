@@ -148,7 +148,7 @@ def _generate_ct2(model_dir: Path, tok: Any, prefixes: Sequence[str], cfg: Sampl
     per_call = max(1, cfg.max_batch // len(prefixes))
     for c, lo in enumerate(range(0, cfg.n, per_call)):
         # CTranslate2 seeds a worker thread's sampler when the thread first samples: a fresh Generator per call
-        ctranslate2.set_random_seed(seed * 1009 + c)
+        ctranslate2.set_random_seed((seed * 1009 + c) % 2**32)  # its seed is a uint32
         gen = ctranslate2.Generator(str(model_dir), device="cpu", compute_type="int8", intra_threads=cfg.threads)
         res = gen.generate_batch(starts, max_length=cfg.max_new_tokens, sampling_topk=0, sampling_topp=cfg.top_p,
                                  sampling_temperature=cfg.temperature, num_hypotheses=min(per_call, cfg.n - lo),
