@@ -608,7 +608,8 @@ def rlhf_cmd(
 @_friendly
 def overopt_cmd(
     config: Annotated[Path, typer.Argument(help="TOML config, e.g. configs/bon_smollm.toml")],
-    stage: Annotated[list[str], typer.Option(help="stage(s) to run, in order: split | generate")] = ["generate"],  # noqa: B006
+    stage: Annotated[list[str], typer.Option(
+        help="stage(s), in order: split generate gold label proxy score report")] = ["generate"],  # noqa: B006
 ) -> None:
     """Overoptimisation on one policy's i.i.d. pool (issue 14): every stage resumable, skipped when done."""
     from bayesrm.overopt import STAGES, load_config
