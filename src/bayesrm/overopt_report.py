@@ -35,7 +35,11 @@ def selection(spec: str, mean: torch.Tensor, var: torch.Tensor, var_head: torch.
 
 
 def gao_fit_ci(kl: np.ndarray, gold_pp: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Gao BoN fit (α, β, peak d* = α/2β, R*) of the prompt-mean curve, with percentile CIs over prompts."""
+    """Gao BoN fit (α, β, peak d* = α/2β, R*) of the prompt-mean curve, with percentile CIs over prompts.
+
+    No peak (β ≤ 0: gold still rising) is reported as null, and so is a CI end that falls on a no-peak replicate.
+    """
+    finite = lambda x: float(x) if np.isfinite(x) else None  # noqa: E731
     alpha, beta = fit_gao_bon(kl, gold_pp.mean(0))
     d_star, r_star = gao_bon_peak(alpha, beta)
     rng = np.random.default_rng(seed)
@@ -43,20 +47,26 @@ def gao_fit_ci(kl: np.ndarray, gold_pp: np.ndarray, n_boot: int, seed: int) -> d
     for _ in range(n_boot):
         a, b = fit_gao_bon(kl, gold_pp[rng.integers(0, len(gold_pp), len(gold_pp))].mean(0))
         reps.append((a, b, gao_bon_peak(a, b)[0]))
-    lo, hi = np.quantile(np.asarray(reps), [0.025, 0.975], axis=0)
-    return {"alpha": alpha, "beta": beta, "peak_d": d_star, "peak_kl": d_star**2, "peak_gold_gain": r_star,
-            "alpha_ci": [lo[0], hi[0]], "beta_ci": [lo[1], hi[1]], "peak_d_ci": [lo[2], hi[2]]}
+    arr = np.asarray(reps)  # (B, 3)
+    lo, hi = np.quantile(arr, [0.025, 0.975], axis=0, method="inverted_cdf")  # order statistics: no lerp over ∞
+    return {"alpha": alpha, "beta": beta, "peak_d": finite(d_star), "peak_kl": finite(d_star**2),
+            "peak_gold_gain": finite(r_star), "alpha_ci": [lo[0], hi[0]], "beta_ci": [lo[1], hi[1]],
+            "peak_d_ci": [finite(lo[2]), finite(hi[2])], "peak_fraction": float(np.isfinite(arr[:, 2]).mean())}
 
 
-def sigma_mechanism(proxy: np.ndarray, gold: np.ndarray, sigma: np.ndarray) -> float:
-    """AUROC of σ for top-decile-by-proxy samples whose gold is below the prompt's median, vs the other top decile."""
+def sigma_mechanism(proxy: np.ndarray, gold: np.ndarray, sigma: np.ndarray) -> float | None:
+    """AUROC of σ for top-decile-by-proxy samples whose gold is below the prompt's median, vs the other top decile.
+
+    (P, N) arrays; None when the top deciles hold only one of the two kinds.
+    """
     pos, neg = [], []
     for p, g, s in zip(proxy, gold, sigma, strict=True):
         top = np.argsort(p, kind="stable")[-max(1, len(p) // 10):]
         bad = g[top] < np.median(g)
         pos.append(s[top][bad])
         neg.append(s[top][~bad])
-    return auroc(np.concatenate(pos), np.concatenate(neg))
+    p_all, n_all = np.concatenate(pos), np.concatenate(neg)
+    return auroc(p_all, n_all) if len(p_all) and len(n_all) else None
 
 
 def run_report(cfg: OveroptConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -129,9 +139,10 @@ def results_table(r: dict[str, Any]) -> str:
         g = m["gao"]
         lines.append(f"| {name} | {m['gold_at_map_peak']:.3f} | {m['gold_at_max_n']:.3f} | "
                      f"{m['diff_vs_map_at_max_n']:+.3f} [{m['diff_ci'][0]:+.3f}, {m['diff_ci'][1]:+.3f}] | "
-                     f"{g['alpha']:.3f} | {g['beta']:.3f} | {g['peak_kl']:.2f} |")
+                     f"{g['alpha']:.3f} | {g['beta']:.3f} | "
+                     f"{'none' if g['peak_kl'] is None else format(g['peak_kl'], '.2f')} |")
     lines += ["", "σ mechanism (AUROC of σ for top-decile-by-proxy samples with gold below the prompt median): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in r["sigma_auroc"].items())]
+              + ", ".join(f"{k} {'null' if v is None else format(v, '.3f')}" for k, v in r["sigma_auroc"].items())]
     return "\n".join(lines) + "\n"
 
 
