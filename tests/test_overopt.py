@@ -40,6 +40,8 @@ def _annotations(root: Path) -> Path:
                          "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": float(1 + rng.uniform())})
         rows.append({"instruction": prompt, "output_1": "ref", "generator_1": "ref", "output_2": "null exploit",
                      "generator_2": "example", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 2.0})
+        rows.append({"instruction": prompt, "output_1": "ref", "generator_1": "ref", "output_2": "",  # as in the data
+                     "generator_2": "empty", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 1.0})
     path = root / "alpaca_eval" / "annotations.jsonl.gz"
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt") as f:
@@ -69,7 +71,7 @@ def test_gold_pairs_are_clean_judged_and_exclude_the_null_model(tmp_path: Path) 
     derived = [p for p in pairs if p.source == "judged-derived"]
     with gzip.open(data / "alpaca_eval" / "annotations.jsonl.gz", "rt") as f:
         rows = [json.loads(x) for x in f]
-    expect = [r for r in rows if r["instruction"] in prompts and r["generator_2"] != "example"
+    expect = [r for r in rows if r["instruction"] in prompts and r["generator_2"] not in ("example", "empty")
               and abs(r["preference"] - 1.5) >= 0.3]
     assert len(direct) == len(expect) > 0
     assert all(p.prompt in prompts and "null exploit" not in (p.chosen, p.rejected) for p in pairs)

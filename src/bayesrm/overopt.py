@@ -251,20 +251,23 @@ def load_part(cfg: OveroptConfig, part: str, shards: list[Path] | None = None) -
     return Pool(prompts, responses, meta={"source": str(Path(cfg.pool_dir) / part), "policy": cfg.generation.policy})
 
 
-def gold_training_pairs(cfg: OveroptConfig, prompts: set[str], seed: int) -> list[Pair]:
+def gold_training_pairs(cfg: OveroptConfig, prompts: set[str], seed: int, top_up: bool = True) -> list[Pair]:
     """Clean judged pairs of these prompts: decisive (output, reference) pairs, topped up with output pairs.
 
     Direct pairs are the judge's own comparisons (weighted GPT-4-turbo, |P − 0.5| ≥ min_confidence); the top-up
     pairs two outputs of one prompt whose judged P(beats reference) differ by ≥ min_gold_gap (Gao et al. 2022's
-    synthetic labelling with the judge as gold). The adversarial null model is excluded throughout.
+    synthetic labelling with the judge as gold). The adversarial null model is excluded throughout. Without
+    `top_up`: every direct pair (held-out evaluation).
     """
     g = cfg.gold
     ann = Path(cfg.data_dir) / "alpaca_eval" / "annotations.jsonl.gz"
-    direct = [p for p in load_pairs(ann, format="alpaca_eval")
+    direct = [p for p in load_pairs(ann, format="alpaca_eval", skip_invalid=True)  # some outputs are empty
               if p.prompt in prompts and abs(float(p.meta["preference"]) - 1.5) >= g.min_confidence
               and str(p.meta.get("generator_2")) not in NULL_MODELS]
     rng = random.Random(seed)
     rng.shuffle(direct)
+    if not top_up:
+        return direct
     if len(direct) >= g.pairs:
         return direct[:g.pairs]
     pool = alpaca_eval_pool(cfg.data_dir, min_size=2)
@@ -299,8 +302,7 @@ def stage_gold(cfg: OveroptConfig, log: Callable[[str], None] = print) -> list[P
     splits = stage_split(cfg, log)
     work = Path(cfg.work_dir)
     train_pairs = gold_training_pairs(cfg, set(splits["gold_train"]), cfg.seed)
-    held = [p for p in gold_training_pairs(replace(cfg, gold=replace(cfg.gold, pairs=10**9)), set(splits["val"]),
-                                           cfg.seed + 1) if p.source != "judged-derived"]
+    held = gold_training_pairs(cfg, set(splits["val"]), cfg.seed + 1, top_up=False)
     save_pairs(train_pairs, work / "data" / "gold_train.jsonl")
     save_pairs(held, work / "data" / "gold_heldout.jsonl")
     log(f"gold: {len(train_pairs)} judged pairs from {len(splits['gold_train'])} prompts; "
