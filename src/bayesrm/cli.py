@@ -116,10 +116,18 @@ def train_cmd(
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Train a Bradley–Terry LoRA reward model."""
+    """Train a Bradley–Terry LoRA reward model.
+
+    Under `accelerate launch --num_processes P` / `torchrun` each optimizer step takes P × --batch-size pairs, split
+    over the processes; rank 0 writes the run directory.
+    """
+    from bayesrm import dist
     from bayesrm.model import RewardModel, RMConfig
     from bayesrm.train import TrainConfig, train
 
+    rank, size = dist.init_from_launcher()
+    if rank:
+        console.quiet = True  # one process reports
     pairs = _load(data, format, field, skip_invalid, limit)
     if sample is not None and sample < len(pairs):
         pairs = [pairs[i] for i in sorted(random.Random(split_seed).sample(range(len(pairs)), sample))]
@@ -137,9 +145,11 @@ def train_cmd(
                      margin=margin, center_coef=center_coef, data_seed=data_seed, mixed_precision=mixed_precision,
                      max_steps=max_steps)
     model = RewardModel(mc)
-    save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
-    save_pairs(eval_pairs, out / "data" / "eval.jsonl")
-    console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint); "
+    if rank == 0:
+        save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
+        save_pairs(eval_pairs, out / "data" / "eval.jsonl")
+    procs = f" in {size} processes (global batch {batch_size * size})" if size > 1 else ""
+    console.print(f"training on {len(train_pairs)} pairs{procs}, evaluating on {len(eval_pairs)} (prompt-disjoint); "
                   f"splits in {out / 'data'}")
     history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
     _print_metrics("final", history[-1])
@@ -174,20 +184,37 @@ def laplace_cmd(
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision."""
+    """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision.
+
+    Under `accelerate launch` / `torchrun` each process accumulates the factors of its share of the pairs (one
+    all-reduce sums them); rank 0 tunes τ and saves.
+    """
+    import torch
+
+    from bayesrm import dist
     from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
     from bayesrm.model import RewardModel
 
-    model = RewardModel.load(model_dir)
+    rank, _ = dist.init_from_launcher()
+    if rank:
+        console.quiet = True
+    device = None
+    if dist.world()[1] > 1 and torch.cuda.is_available():
+        from accelerate import PartialState
+
+        device = PartialState().device  # this rank's GPU
+    model = RewardModel.load(model_dir, device=device)
     pairs = _load(data, format, field, skip_invalid, limit)
     val = _load(val_data, format, field, skip_invalid) if val_data else []
     cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
                         prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
                         batch_size=batch_size)
-    with progress_bar("KFAC fit (pairs)", len(pairs), console) as advance:
+    with progress_bar("KFAC fit (pairs)", len(dist.shard(pairs)), console) as advance:
         post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
     dest = find_model_dir(model_dir) / POSTERIOR_DIR
-    post.save(dest)
+    if rank == 0:
+        post.save(dest)
+    dist.barrier()
     taus = sorted(post.tau.values())
     console.print(f"posterior saved to {dest}; τ ({cfg.tau_method}, {cfg.prior_structure}): "
                   f"min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, max {taus[-1]:.4g}; "

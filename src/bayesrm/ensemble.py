@@ -1,8 +1,8 @@
 """Reward-model ensembles (Coste et al. 2024; Yang et al. 2024 §4 "LA-Ens"): M LoRA members on one backbone.
 
 Members differ in LoRA/head initialisation (`RMConfig.lora_seed`) and data order (`TrainConfig.data_seed`), set
-separately. `train_ensemble` trains them one after another into `out_dir/member_i/` (ordinary `train()` run
-directories) with a resumable `manifest.json`. `EnsembleRewardModel` loads ONE backbone with M peft adapters
+separately. `train_ensemble` trains them into `out_dir/member_i/` (ordinary `train()` run directories) with a
+resumable `manifest.json`: one after another, or under `accelerate launch` / `torchrun` one member per process. `EnsembleRewardModel` loads ONE backbone with M peft adapters
 named `member_i` and M scalar heads, and scores all members on shared tokenisation and batches.
 """
 
@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from enum import Enum
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesrm import dist
 from bayesrm.data import Pair
 from bayesrm.io import atomic_write_json
 from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
@@ -102,7 +104,11 @@ def train_ensemble(
     show_progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Train M members into `out_dir/member_i/` one after another; returns the member run directories.
+    """Train M members into `out_dir/member_i/`; returns the member run directories.
+
+    In one process the members train one after another. Under P processes (`accelerate launch`, `torchrun`) the
+    unfinished members train in waves of P, one member per process (each an ordinary one-process `train()` run,
+    so the weights are those of the sequential run); rank 0 writes the manifest after every wave.
 
     Seeds default to `cfg.lora_seed + i` and `train_cfg.data_seed + i` (`train()` also seeds dropout from the data
     seed, so a rerun reproduces the weights exactly). With `resume=True`, finished members are skipped, an
@@ -125,33 +131,56 @@ def train_ensemble(
                      "status": MemberStatus.PENDING.value} for i in range(members)],
     }
     path = out / MANIFEST_NAME
-    if resume and path.exists():
-        old = json.loads(path.read_text())
-        _check_resumable(old, manifest, out)
-        for i, e in enumerate(old["entries"]):
-            manifest["entries"][i] = e
-    atomic_write_json(path, manifest)
-    dirs = []
-    for i, entry in enumerate(manifest["entries"]):
-        mdir = out / entry["path"]
-        dirs.append(mdir)
-        if resume and entry["status"] == MemberStatus.DONE.value and (mdir / MODEL_DIR / CONFIG_NAME).exists():
-            if log is not None:
+    refused = None
+    if dist.is_main():
+        try:
+            if resume and path.exists():
+                old = json.loads(path.read_text())
+                _check_resumable(old, manifest, out)
+                for i, e in enumerate(old["entries"]):
+                    manifest["entries"][i] = e
+            atomic_write_json(path, manifest)
+        except ValueError as e:
+            refused = str(e)
+    manifest, refused = dist.broadcast((manifest, refused))  # every rank continues, or every rank raises
+    if refused is not None:
+        raise ValueError(refused)
+    entries = manifest["entries"]
+    dirs = [out / e["path"] for e in entries]
+    todo = []
+    for i, entry in enumerate(entries):
+        if resume and entry["status"] == MemberStatus.DONE.value and (dirs[i] / MODEL_DIR / CONFIG_NAME).exists():
+            if log is not None and dist.is_main():
                 log(f"{entry['name']}: done, skipped")
-            continue
-        mc = replace(cfg, lora_seed=entry["lora_seed"],
-                     target_modules=None if cfg.target_modules is None else list(cfg.target_modules),
-                     extra=dict(cfg.extra) | {"ensemble_member": i, "data_seed": entry["data_seed"]})
-        tc = replace(train_cfg, data_seed=entry["data_seed"])
-        if log is not None:
-            log(f"{entry['name']}: training (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
-        entry["status"] = MemberStatus.RUNNING.value
-        atomic_write_json(path, manifest)
-        history = train(RewardModel(mc), pairs, tc, mdir, eval_pairs=eval_pairs, resume=resume,
-                        show_progress=show_progress)
-        entry["status"] = MemberStatus.DONE.value
-        entry["final_metrics"] = history[-1] if history else {}
-        atomic_write_json(path, manifest)
+        else:
+            todo.append(i)
+    rank, size = dist.world()
+    for start in range(0, len(todo), size):
+        wave = todo[start:start + size]  # member wave[r] trains on rank r
+        for i in wave:
+            entries[i]["status"] = MemberStatus.RUNNING.value
+        if dist.is_main():
+            atomic_write_json(path, manifest)
+        final: dict[str, Any] | None = None
+        if rank < len(wave):
+            i = wave[rank]
+            entry = entries[i]
+            mc = replace(cfg, lora_seed=entry["lora_seed"],
+                         target_modules=None if cfg.target_modules is None else list(cfg.target_modules),
+                         extra=dict(cfg.extra) | {"ensemble_member": i, "data_seed": entry["data_seed"]})
+            tc = replace(train_cfg, data_seed=entry["data_seed"])
+            if log is not None:
+                where = f" on rank {rank}" if size > 1 else ""
+                log(f"{entry['name']}: training{where} (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
+            with dist.solo() if size > 1 else nullcontext():
+                history = train(RewardModel(mc), pairs, tc, dirs[i], eval_pairs=eval_pairs, resume=resume,
+                                show_progress=show_progress and size == 1)
+            final = history[-1] if history else {}
+        for i, metrics in zip(wave, dist.gather(final), strict=False):
+            entries[i]["status"] = MemberStatus.DONE.value
+            entries[i]["final_metrics"] = metrics
+        if dist.is_main():
+            atomic_write_json(path, manifest)
     return dirs
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bayesrm import dist
 from bayesrm.data import Pair
 from bayesrm.io import atomic_dir
 from bayesrm.model import RewardModel
@@ -493,7 +494,8 @@ def _require_linear_head(model: RewardModel) -> nn.Linear:
 
 
 def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant | str = KFACVariant.PAIR,
-                 batch_size: int = 8, progress: Callable[[int], None] | None = None
+                 batch_size: int = 8, progress: Callable[[int], None] | None = None,
+                 reduce: Callable[[Any], Any] | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """KFAC factors G_m, A_m with G ⊗ A ≈ the exact BT GGN block Σ_n Λ_n vec(J_Δ)vec(J_Δ)ᵀ (§3), and log p(D|θ*).
 
@@ -504,6 +506,7 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
     every J_Δ is rank one (LoRA r = 1), and unlike the per-response variants it keeps the −J_wᵀJ_l cross
     term, which a shared prompt makes large. REDUCE: G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with ĝ = Σ_t g_t,
     ā = mean over real tokens of a_t. EXPAND: G = Σ_{n,s,t} g gᵀ, A = (1/M) Σ a aᵀ over M real tokens.
+    `reduce` (e.g. `dist.all_reduce_sum`) sums every accumulated statistic over processes before A is normalised.
     """
     var = KFACVariant(variant)
     modules = lora_modules(model)
@@ -543,16 +546,22 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
                 norm[k] += float(mask.sum())
         if progress is not None:
             progress(B)
+    if reduce is not None:  # each process holds sums over its shard of the pairs
+        G, A, norm, log_lik = reduce((G, A, norm, log_lik))
     for k in A:
         A[k] /= norm[k] if norm[k] > 0 else 1.0
     return G, A, log_lik
 
 
 def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
-             progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, float]:
-    """Exact BT GGN of the head, Σ_n Λ_n (φ_w − φ_l)(φ_w − φ_l)ᵀ with φ = [f, 1] (§2), and log p(D|θ*)."""
+             progress: Callable[[int], None] | None = None, reduce: Callable[[Any], Any] | None = None
+             ) -> tuple[torch.Tensor, float]:
+    """Exact BT GGN of the head, Σ_n Λ_n (φ_w − φ_l)(φ_w − φ_l)ᵀ with φ = [f, 1] (§2), and log p(D|θ*).
+
+    `reduce` sums the GGN and log-likelihood over processes (each holding its shard of the pairs)."""
     model.eval()
-    ggn: torch.Tensor | None = None
+    d = _require_linear_head(model).in_features + 1
+    ggn = torch.zeros(d, d, dtype=torch.double)
     log_lik = 0.0
     for B, x, m in _pair_batches(model, pairs, batch_size):
         r, phi = head_features(model, x, m)  # (2B,), (2B, d+1)
@@ -560,11 +569,12 @@ def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
         lam = (torch.sigmoid(delta) * torch.sigmoid(-delta)).double()  # Λ = p(1−p)
         dphi = (phi[:B] - phi[B:]).double()  # (B, d+1); the bias cancels
         part = (dphi.T * lam) @ dphi  # (d+1, d+1)
-        ggn = part.cpu() if ggn is None else ggn + part.cpu()
+        ggn += part.cpu()
         log_lik += float(F.logsigmoid(delta).double().sum())
         if progress is not None:
             progress(B)
-    assert ggn is not None
+    if reduce is not None:
+        ggn, log_lik = reduce((ggn, log_lik))
     return ggn, log_lik
 
 
@@ -576,21 +586,24 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
     `cfg.subset="lora"`: KFAC blocks over every LoRA tensor (`kfac_factors`). `"head"`: the exact GGN over the
     scalar head's [w, b] (`head_ggn`), full (d+1)² covariance, prior mean 0. `init_lora` gives the LoRA
     weights at initialisation (prior mean of A under prior_mean='init'); by default the model's saved initial
-    adapter is used when it has one, else 0.
+    adapter is used when it has one, else 0. Under several processes (`accelerate launch`, `torchrun`; see
+    `bayesrm.dist`) each accumulates the statistics of its shard of `pairs`, one all-reduce sums them, and rank 0
+    tunes τ for all: every rank returns the posterior of the whole data.
     """
     cfg = cfg or LaplaceConfig()
     _require_linear_head(model)
     if not pairs:
         raise ValueError("fit_laplace needs at least one training pair")
     if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN; prior mean 0
-        ggn, log_lik = head_ggn(model, pairs, cfg.batch_size, progress)
+        ggn, log_lik = head_ggn(model, dist.shard(pairs), cfg.batch_size, progress, reduce=dist.all_reduce_sum)
         av, aU, _ = factor_eig(ggn)
         theta = head_theta(model).double().cpu()  # (1, d+1)
         one = torch.ones(1, dtype=torch.double)
         blocks = {HEAD_KEY: KronBlock(one, torch.ones(1, 1, dtype=torch.double), 0.0, av, aU, 0.0, theta,
                                       torch.zeros_like(theta))}
         return _tune(LaplacePosterior(blocks, cfg, len(pairs), log_lik), model, val_pairs)
-    G, A, log_lik = kfac_factors(model, pairs, cfg.kfac, cfg.batch_size, progress)
+    G, A, log_lik = kfac_factors(model, dist.shard(pairs), cfg.kfac, cfg.batch_size, progress,
+                                 reduce=dist.all_reduce_sum)
     params = dict(model.named_parameters())
     init = init_lora if init_lora is not None else getattr(model, "lora_init", None) or {}
     blocks = {}
@@ -609,7 +622,10 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
 
 
 def _tune(post: LaplacePosterior, model: RewardModel, val_pairs: Sequence[Pair]) -> LaplacePosterior:
-    """Choose τ with the configured method (validation pairs only for val_nll)."""
+    """Choose τ with the configured method (validation pairs only for val_nll); rank 0 tunes, every rank gets τ."""
     use_val = TauMethod(post.cfg.tau_method) is TauMethod.VAL_NLL and bool(val_pairs)
-    post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val else None)
+    if dist.is_main():
+        post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val
+                                      else None)
+    post.tau = dist.broadcast(post.tau)
     return post
