@@ -9,7 +9,7 @@ unconditionally.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -145,6 +145,35 @@ def broadcast(obj: T, src: int = 0) -> T:
     box = [obj]
     td.broadcast_object_list(box, src=src)
     return box[0]  # type: ignore[no-any-return]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, size: int, port: int, threads: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(size),
+                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(size), "OMP_NUM_THREADS": str(threads)}
+    torch.set_num_threads(threads)
+    init_from_launcher()
+    try:
+        fn(*args)
+    finally:
+        import torch.distributed as td
+
+        td.destroy_process_group()
+
+
+def run_local(fn: Callable[..., Any], *args: Any, processes: int = 2, threads: int = 1) -> None:
+    """Run fn(*args) in `processes` new local processes joined in one process group, as `torchrun --nproc_per_node`
+    would (gloo on CPU); `fn` must be importable. Raises when a process fails (the others are then stopped)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_entry, args=(processes, _free_port(), threads, fn, args), nprocs=processes, join=True)
 
 
 def barrier() -> None:
