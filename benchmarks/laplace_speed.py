@@ -45,8 +45,15 @@ from torch import nn
 
 from bayesrm import dist
 from bayesrm.data import Pair, load_pairs
-from bayesrm.laplace import LaplaceConfig, LaplacePosterior, _batch_jacobians, _pair_batches, fit_laplace, kfac_factors
-from bayesrm.laplace import lora_modules
+from bayesrm.laplace import (
+    LaplaceConfig,
+    LaplacePosterior,
+    _batch_jacobians,
+    _pair_batches,
+    fit_laplace,
+    kfac_factors,
+    lora_modules,
+)
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.templates import collate, encode
 from bayesrm.train import TrainConfig, train
@@ -224,8 +231,8 @@ def fit_phases(model: RewardModel, fit: Sequence[Pair], bs: int, reps: int) -> d
     modules = lora_modules(model)
 
     def fwd_bwd() -> None:
-        for B, x, m in _pair_batches(model, fit, bs):
-            _batch_jacobians(model, modules, x, m, lambda r, B=B: torch.ones_like(r))
+        for _, x, m in _pair_batches(model, fit, bs):
+            _batch_jacobians(model, modules, x, m, torch.ones_like)
 
     _, t_fb = timed(fwd_bwd, reps)
     _, t_fac = timed(lambda: kfac_factors(model, fit, "pair", bs), reps)
@@ -300,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     model = RewardModel(RMConfig(max_length=L, lora_r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
+        for pname, p in model.named_parameters():
+            if ".lora_B." in pname:
                 p.normal_(0.0, 0.02)
     pairs = long_pairs(model.tokenizer, args.fit_pairs + args.test, L)
     fit, test_pairs = pairs[:args.fit_pairs], pairs[args.fit_pairs:]
@@ -342,9 +349,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     rest = Timing(ph["fit"].wall - ph["factors"].wall, ph["fit"].cpu - ph["factors"].cpu)
     print("(d) where the fit's time goes (best of reps), and the distributed fit")
     print(f"  {'':<44}{'wall s':>9}{'CPU s':>9}{'CPU share':>11}")
-    for name, t in (("hooked forward + weighted backward", ph["fwd_bwd"]), ("fp64 factor accumulation", acc_t),
-                    ("eigendecompositions + τ (marglik)", rest), ("whole fit_laplace", ph["fit"])):
-        print(f"  {name:<44}{t.wall:9.2f}{t.cpu:9.2f}{t.cpu / ph['fit'].cpu:10.0%}")
+    for phase, tp in (("hooked forward + weighted backward", ph["fwd_bwd"]), ("fp64 factor accumulation", acc_t),
+                      ("eigendecompositions + τ (marglik)", rest), ("whole fit_laplace", ph["fit"])):
+        print(f"  {phase:<44}{tp.wall:9.2f}{tp.cpu:9.2f}{tp.cpu / ph['fit'].cpu:10.0%}")
     if args.processes > 1:
         t_d = distributed_fit(model, fit, bs, args.processes)
         print(f"  {'fit_laplace, ' + str(args.processes) + ' processes × 1 thread':<44}{t_d.wall:9.2f}"

@@ -14,6 +14,7 @@ to turn seconds into an achieved rate.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -65,7 +66,9 @@ def measure(name: str, cfg: RMConfig, args: argparse.Namespace) -> dict[str, Any
                 p.normal_(0.0, 0.02)
     pairs = fixed_length_pairs(model, args.pairs, args.length)
     tokens = 2 * args.pairs * args.length  # per pass over the pairs (chosen + rejected)
-    n_params = sum(p.numel() for p in model.backbone.get_base_model().parameters())
+    base = model.backbone.get_base_model()
+    embed = {id(p) for m in base.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    n_params = sum(p.numel() for p in base.parameters() if id(p) not in embed)  # matmul weights: 2N FLOPs/token
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     bs = args.batch
@@ -83,7 +86,7 @@ def measure(name: str, cfg: RMConfig, args: argparse.Namespace) -> dict[str, Any
     t_var = cpu_time(lambda: post.predict(model, prompts, responses, batch_size=2 * bs), args.reps)
     sides = sorted({int(s) for b in post.blocks.values() for s in b.shape})
     big = max(sides)
-    row = {"model": name, "params": n_params, "hidden": big, "lora_tensors": len(post.blocks),
+    row = {"model": name, "params_non_embedding": n_params, "hidden": big, "lora_tensors": len(post.blocks),
            "lora_params": sum(b.theta.numel() for b in post.blocks.values()), "tokens": tokens,
            "flops_fwd_per_token": 2 * n_params,
            "map_s_per_token": t_map / tokens, "train_s_per_token": t_train / tokens,
@@ -101,7 +104,7 @@ def eigh_times(sizes: Sequence[int], reps: int) -> dict[str, float]:
     for d in sizes:
         x = torch.randn(d, d, dtype=torch.double)
         F = x @ x.T
-        out[str(d)] = cpu_time(lambda F=F: torch.linalg.eigh(F), reps)
+        out[str(d)] = cpu_time(functools.partial(torch.linalg.eigh, F), reps)
     return out
 
 
@@ -119,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    L = args.length + 64
+    L = args.length
     cfgs = {"minilm": RMConfig(max_length=L, lora_r=8, lora_alpha=16, target_modules=["query", "value"]),
             "smollm2": RMConfig(backbone=policy_path(PolicyConfig()), max_length=L, lora_r=8, lora_alpha=16,
                                 target_modules=["q_proj", "v_proj"], template="plain")}

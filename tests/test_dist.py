@@ -42,14 +42,15 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float =
 
 
 def _collectives(out: str) -> None:
-    rank, size = dist.world()
-    tree = {"G": torch.full((2, 2), float(rank + 1)), "n": rank + 1.0, "l": [torch.tensor([rank], dtype=torch.int64)]}
+    rank = dist.world()[0]
+    tree: dict[str, Any] = {"G": torch.full((2, 2), float(rank + 1)), "n": rank + 1.0,
+                            "l": [torch.tensor([rank], dtype=torch.int64)]}
     summed = dist.all_reduce_sum(tree)
     with dist.solo():
         alone = dist.world()
-    res = {"sum": summed["G"].tolist(), "n": summed["n"], "l": summed["l"][0].tolist(), "dtype": str(summed["l"][0].dtype),
-           "gather": dist.gather(rank * 10), "bcast": dist.broadcast(f"from {rank}"), "shard": list(dist.shard(range(5))),
-           "alone": alone}
+    res = {"sum": summed["G"].tolist(), "n": summed["n"], "l": summed["l"][0].tolist(),
+           "dtype": str(summed["l"][0].dtype), "gather": dist.gather(rank * 10),
+           "bcast": dist.broadcast(f"from {rank}"), "shard": list(dist.shard(range(5))), "alone": alone}
     Path(out, f"r{rank}.json").write_text(json.dumps(res))
 
 
@@ -73,45 +74,47 @@ def test_one_process_helpers_are_identities() -> None:
 # --------------------------------------------------------------------------- training
 
 
-def _train_worker(cfg: RMConfig, tc: TrainConfig, out: str, n: int, kill_at: int | None) -> None:
-    pairs, evals = toy_pairs(n), toy_pairs(6, seed=1)
-    if kill_at is not None:
-        def boom(step: int, _loss: float) -> None:
-            if step == kill_at:
-                raise KeyboardInterrupt
+def _train_worker(cfg: RMConfig, jobs: list[tuple[TrainConfig, str, int, int | None]]) -> None:
+    """Train runs (config, out dir, pairs, step at which the first attempt dies or None) one after another."""
+    for tc, out, n, kill_at in jobs:
+        pairs, evals = toy_pairs(n), toy_pairs(6, seed=1)
+        if kill_at is not None:
+            def boom(step: int, _loss: float, kill_at: int = kill_at) -> None:
+                if step == kill_at:
+                    raise KeyboardInterrupt
 
-        with pytest.raises(KeyboardInterrupt):
-            train(RewardModel(cfg), pairs, tc, out, eval_pairs=evals, on_step=boom, show_progress=False)
-    train(RewardModel(cfg), pairs, tc, out, eval_pairs=evals, resume=kill_at is not None, show_progress=False)
+            with pytest.raises(KeyboardInterrupt):
+                train(RewardModel(cfg), pairs, tc, out, eval_pairs=evals, on_step=boom, show_progress=False)
+        train(RewardModel(cfg), pairs, tc, out, eval_pairs=evals, resume=kill_at is not None, show_progress=False)
 
 
-@pytest.mark.parametrize("n, accum", [(16, 1), (17, 2)])  # 17: the last global batch has 1 pair, rank 1 none
-def test_two_processes_with_batch_b_step_like_one_with_2b(tiny_cfg: Callable[..., RMConfig], tmp_path: Path,
-                                                           n: int, accum: int) -> None:
+CASES = [(16, 1), (17, 2)]  # (pairs, grad_accum); 17: the last global batch has 1 pair and rank 1 none
+
+
+def test_two_processes_with_batch_b_step_like_one_with_2b(tiny_cfg: Callable[..., RMConfig], tmp_path: Path) -> None:
     cfg = tiny_cfg("bert")
-    tc = TrainConfig(epochs=2, batch_size=4, grad_accum=accum, lr=1e-2, checkpoint_every=0)
-    spawn(_train_worker, cfg, tc, str(tmp_path / "p2"), n, None)
-    one = TrainConfig(epochs=2, batch_size=8, grad_accum=accum, lr=1e-2, checkpoint_every=0)
-    hist = train(RewardModel(cfg), toy_pairs(n), one, tmp_path / "p1", eval_pairs=toy_pairs(6, seed=1),
-                 show_progress=False)
-    _close(_weights(tmp_path / "p2"), _weights(tmp_path / "p1"))
-    two = [json.loads(x) for x in (tmp_path / "p2" / "metrics.jsonl").read_text().splitlines()]
-    assert len(two) == len(hist) == 2
-    for a, b in zip(two, hist, strict=True):  # global-batch loss and eval gathered over both ranks
-        assert a["step"] == b["step"] and a["eval_n"] == b["eval_n"] == 6
-        for k in ("train_loss", "eval_accuracy", "eval_nll"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
-    cfg_json = json.loads((tmp_path / "p2" / "train_config.json").read_text())
-    assert cfg_json["num_processes"] == 2
-    before = _weights(tmp_path / "p1")
-    assert any(not torch.equal(v, RewardModel(cfg).trainable_state()[k]) for k, v in before.items())  # it trained
+    spawn(_train_worker, cfg, [(TrainConfig(epochs=2, batch_size=4, grad_accum=acc, lr=1e-2, checkpoint_every=0),
+                                str(tmp_path / f"p2_{n}"), n, None) for n, acc in CASES])
+    for n, acc in CASES:
+        one = TrainConfig(epochs=2, batch_size=8, grad_accum=acc, lr=1e-2, checkpoint_every=0)
+        hist = train(RewardModel(cfg), toy_pairs(n), one, tmp_path / f"p1_{n}", eval_pairs=toy_pairs(6, seed=1),
+                     show_progress=False)
+        p1, p2 = tmp_path / f"p1_{n}", tmp_path / f"p2_{n}"
+        _close(_weights(p2), _weights(p1))
+        assert any(not torch.equal(v, RewardModel(cfg).trainable_state()[k]) for k, v in _weights(p1).items())
+        two = [json.loads(x) for x in (p2 / "metrics.jsonl").read_text().splitlines()]
+        assert len(two) == len(hist) == 2
+        for a, b in zip(two, hist, strict=True):  # global-batch loss and eval gathered over both ranks
+            assert a["step"] == b["step"] and a["eval_n"] == b["eval_n"] == 6
+            for k in ("train_loss", "eval_accuracy", "eval_nll"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+        assert json.loads((p2 / "train_config.json").read_text())["num_processes"] == 2
 
 
 def test_two_process_resume_after_kill_is_exact(tiny_cfg: Callable[..., RMConfig], tmp_path: Path) -> None:
-    cfg = tiny_cfg("bert")
     tc = TrainConfig(epochs=2, batch_size=2, lr=1e-2, checkpoint_every=2)
-    spawn(_train_worker, cfg, tc, str(tmp_path / "resumed"), 16, 3)  # killed at step 3, resumes from step 2
-    spawn(_train_worker, cfg, tc, str(tmp_path / "straight"), 16, None)
+    spawn(_train_worker, tiny_cfg("bert"), [(tc, str(tmp_path / "resumed"), 16, 3),  # dies at step 3, resumes at 2
+                                            (tc, str(tmp_path / "straight"), 16, None)])
     torch.testing.assert_close(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"), rtol=0, atol=0)
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 8 and state["epoch"] == 2  # 16 pairs / (2 × 2) per step × 2 epochs
@@ -119,20 +122,24 @@ def test_two_process_resume_after_kill_is_exact(tiny_cfg: Callable[..., RMConfig
 
 # --------------------------------------------------------------------------- Laplace
 
+LAPLACE = [("pair", "lora"), ("expand", "lora"), ("pair", "head")]
 
-def _laplace_worker(model_dir: str, n: int, out: str, kfac: str, subset: str) -> None:
+
+def _laplace_worker(model_dir: str, n: int, out: str) -> None:
     model = RewardModel.load(model_dir).double()
-    cfg = LaplaceConfig(batch_size=3, kfac=kfac, subset=subset)
-    post = fit_laplace(model, toy_pairs(n), cfg)
-    if subset == "lora":
-        G, A, ll = kfac_factors(model, dist.shard(toy_pairs(n)), kfac, 3, reduce=dist.all_reduce_sum)
-        if dist.is_main():
-            torch.save({"G": G, "A": A, "ll": ll}, Path(out) / "factors.pt")
-    if dist.is_main():
-        post.save(Path(out) / "post")
     test = toy_pairs(5, seed=7)
-    _, var = post.predict(model, [p.prompt for p in test], [p.chosen for p in test], batch_size=4)
-    torch.save(var, Path(out) / f"var{dist.world()[0]}.pt")
+    for kfac, subset in LAPLACE:
+        dest = Path(out) / f"{kfac}_{subset}"
+        dest.mkdir(exist_ok=True)
+        post = fit_laplace(model, toy_pairs(n), LaplaceConfig(batch_size=3, kfac=kfac, subset=subset))
+        if subset == "lora":
+            G, A, ll = kfac_factors(model, dist.shard(toy_pairs(n)), kfac, 3, reduce=dist.all_reduce_sum)
+            if dist.is_main():
+                torch.save({"G": G, "A": A, "ll": ll}, dest / "factors.pt")
+        if dist.is_main():
+            post.save(dest / "post")
+        _, var = post.predict(model, [p.prompt for p in test], [p.chosen for p in test], batch_size=4)
+        torch.save(var, dest / f"var{dist.world()[0]}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -143,27 +150,26 @@ def trained(tiny_cfg: Callable[..., RMConfig], tmp_path_factory: pytest.TempPath
     return out
 
 
-@pytest.mark.parametrize("kfac, subset", [("pair", "lora"), ("expand", "lora"), ("pair", "head")])
-def test_two_process_laplace_fit_equals_one_process(trained: Path, tmp_path: Path, kfac: str, subset: str) -> None:
+def test_two_process_laplace_fit_equals_one_process(trained: Path, tmp_path: Path) -> None:
     n = 13  # odd: shards of 7 and 6 pairs, batches of 3 that split differently from one process
     one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    _laplace_worker(str(trained), n, str(one), kfac, subset)
-    spawn(_laplace_worker, str(trained), n, str(two), kfac, subset)
-    p1, p2 = LaplacePosterior.load(one / "post"), LaplacePosterior.load(two / "post")
-    assert p1.n_data == p2.n_data == n and p2.log_lik == pytest.approx(p1.log_lik, rel=1e-9)
-    for k in p1.tau:
-        assert p2.tau[k] == pytest.approx(p1.tau[k], rel=1e-6), k
-    if subset == "lora":
-        f1, f2 = torch.load(one / "factors.pt"), torch.load(two / "factors.pt")
-        for name in ("G", "A"):
-            for k in f1[name]:
-                torch.testing.assert_close(f2[name][k], f1[name][k], rtol=1e-9, atol=1e-12)
-    v1 = torch.load(one / "var0.pt")
-    for r in range(2):  # every rank holds the whole posterior
-        torch.testing.assert_close(torch.load(two / f"var{r}.pt"), v1, rtol=1e-6, atol=0)
-    assert float(v1.min()) > 0
+    _laplace_worker(str(trained), n, str(one))
+    spawn(_laplace_worker, str(trained), n, str(two))
+    for kfac, subset in LAPLACE:
+        d1, d2 = one / f"{kfac}_{subset}", two / f"{kfac}_{subset}"
+        p1, p2 = LaplacePosterior.load(d1 / "post"), LaplacePosterior.load(d2 / "post")
+        assert p1.n_data == p2.n_data == n and p2.log_lik == pytest.approx(p1.log_lik, rel=1e-9)
+        for k in p1.tau:
+            assert p2.tau[k] == pytest.approx(p1.tau[k], rel=1e-6), (kfac, subset, k)
+        if subset == "lora":
+            f1, f2 = torch.load(d1 / "factors.pt"), torch.load(d2 / "factors.pt")
+            for name in ("G", "A"):
+                for k in f1[name]:
+                    torch.testing.assert_close(f2[name][k], f1[name][k], rtol=1e-9, atol=1e-12)
+        v1 = torch.load(d1 / "var0.pt")
+        for r in range(2):  # every rank holds the whole posterior
+            torch.testing.assert_close(torch.load(d2 / f"var{r}.pt"), v1, rtol=1e-6, atol=0)
+        assert float(v1.min()) > 0
 
 
 # --------------------------------------------------------------------------- ensembles
@@ -180,7 +186,7 @@ def _ensemble_worker(cfg: RMConfig, tc: TrainConfig, out: str, members: int, kil
                 kw["on_step"] = lambda step, _l: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
             return real(model, *a, **kw)
 
-        ensemble.train = dying  # type: ignore[assignment]  # this process is thrown away
+        ensemble.train = dying  # this process is thrown away
     ensemble.train_ensemble(cfg, tc, toy_pairs(12), out, members=members, show_progress=False)
 
 
@@ -200,6 +206,14 @@ def test_ensemble_members_on_ranks_match_sequential_and_resume(tiny_cfg: Callabl
     seq = json.loads((tmp_path / "seq" / MANIFEST_NAME).read_text())
     assert [e["final_metrics"] for e in man["entries"]] == [e["final_metrics"] for e in seq["entries"]]
 
+
+@pytest.mark.slow
+def test_ensemble_on_ranks_resumes_after_a_rank_dies(tiny_cfg: Callable[..., RMConfig], tmp_path: Path) -> None:
+    from bayesrm.ensemble import MANIFEST_NAME, train_ensemble
+
+    cfg = tiny_cfg("bert")
+    tc = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, checkpoint_every=1)
+    train_ensemble(cfg, tc, toy_pairs(12), tmp_path / "seq", members=2, show_progress=False)
     # member 1 (rank 1) dies at its step 2: the manifest says running, a restart finishes it from its checkpoint
     out = tmp_path / "crash"
     with pytest.raises(mp.ProcessRaisedException):  # rank 1 dies (KeyboardInterrupt), the job ends
@@ -222,7 +236,7 @@ def test_cli_train_and_laplace_under_torchrun(tiny_cfg: Callable[..., RMConfig],
     save_pairs(toy_pairs(16), data)
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(dist._free_port()), "-m", "bayesrm"]
+           str(dist.free_port()), "-m", "bayesrm"]
     backbone = tiny_cfg("bert").backbone
     args = ["train", str(data), "--out", str(tmp_path / "rm"), "--backbone", backbone, "--lora-r", "2",
             "--max-length", "64", "--batch-size", "4", "--lr", "1e-2", "--eval-frac", "0.25"]

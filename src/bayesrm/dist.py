@@ -122,7 +122,7 @@ def all_reduce_sum(tree: T) -> T:
         flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
     td.all_reduce(flat)
     out, _ = _unflatten(tree, flat.cpu(), 0)
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def gather(obj: T) -> list[T]:
@@ -144,10 +144,11 @@ def broadcast(obj: T, src: int = 0) -> T:
         return obj
     box = [obj]
     td.broadcast_object_list(box, src=src)
-    return box[0]  # type: ignore[no-any-return]
+    return box[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
     import socket
 
     with socket.socket() as s:
@@ -173,7 +174,7 @@ def run_local(fn: Callable[..., Any], *args: Any, processes: int = 2, threads: i
     would (gloo on CPU); `fn` must be importable. Raises when a process fails (the others are then stopped)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_entry, args=(processes, _free_port(), threads, fn, args), nprocs=processes, join=True)
+    mp.spawn(_entry, args=(processes, free_port(), threads, fn, args), nprocs=processes, join=True)
 
 
 def barrier() -> None:

@@ -2,8 +2,9 @@
 
 Members differ in LoRA/head initialisation (`RMConfig.lora_seed`) and data order (`TrainConfig.data_seed`), set
 separately. `train_ensemble` trains them into `out_dir/member_i/` (ordinary `train()` run directories) with a
-resumable `manifest.json`: one after another, or under `accelerate launch` / `torchrun` one member per process. `EnsembleRewardModel` loads ONE backbone with M peft adapters
-named `member_i` and M scalar heads, and scores all members on shared tokenisation and batches.
+resumable `manifest.json`: one after another, or under `accelerate launch` / `torchrun` one member per process.
+`EnsembleRewardModel` loads ONE backbone with M peft adapters named `member_i` and M scalar heads, and scores all
+members on shared tokenisation and batches.
 """
 
 from __future__ import annotations
