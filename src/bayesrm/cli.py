@@ -108,6 +108,7 @@ def train_cmd(
     data_seed: int = 0,
     split_seed: int = 0,
     mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = "no",
+    dtype: Annotated[str, typer.Option(help="backbone weights dtype: float32 | bfloat16 | float16")] = "float32",
     max_steps: int | None = None,
     limit: Annotated[int | None, typer.Option(help="use only the first N pairs")] = None,
     sample: Annotated[int | None, typer.Option(help="use a random N pairs (seeded by --split-seed)")] = None,
@@ -138,7 +139,7 @@ def train_cmd(
     mc = RMConfig(backbone=backbone, template=template, max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
                   lora_dropout=lora_dropout, lora_seed=lora_seed,
                   target_modules=target_modules.split(",") if target_modules else None,
-                  head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None,
+                  head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None, dtype=dtype,
                   freeze_backbone=freeze_backbone,
                   extra={"train_data": data, "eval_data": eval_data, "split_seed": split_seed})
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
