@@ -50,7 +50,8 @@ def _collectives(out: str) -> None:
         alone = dist.world()
     res = {"sum": summed["G"].tolist(), "n": summed["n"], "l": summed["l"][0].tolist(),
            "dtype": str(summed["l"][0].dtype), "gather": dist.gather(rank * 10),
-           "bcast": dist.broadcast(f"from {rank}"), "shard": list(dist.shard(range(5))), "alone": alone}
+           "bcast": dist.broadcast(f"from {rank}"), "shard": list(dist.shard(range(5))), "alone": alone,
+           "spread": dist.spread(lambda k: f"{k}@{rank}", ["a", "b", "c"])}
     Path(out, f"r{rank}.json").write_text(json.dumps(res))
 
 
@@ -61,6 +62,7 @@ def test_collectives_two_processes(tmp_path: Path) -> None:
     assert r0["l"] == [1] and r0["dtype"] == "torch.int64"
     assert r0["gather"] == r1["gather"] == [0, 10] and r0["bcast"] == r1["bcast"] == "from 0"
     assert r0["shard"] + r1["shard"] == [0, 1, 2, 3, 4] and r0["alone"] == r1["alone"] == [0, 1]
+    assert r0["spread"] == r1["spread"] == {"a": "a@0", "b": "b@1", "c": "c@0"}  # every P-th key per rank
 
 
 def test_one_process_helpers_are_identities() -> None:

@@ -136,6 +136,18 @@ def gather(obj: T) -> list[T]:
     return out
 
 
+def spread(fn: Callable[[str], T], keys: Sequence[str]) -> dict[str, T]:
+    """{k: fn(k)} on every rank, each rank computing every P-th key (e.g. one eigendecomposition per block)."""
+    rank, size = world()
+    mine = {k: fn(k) for k in keys[rank::size]}
+    if size == 1:
+        return mine
+    out: dict[str, T] = {}
+    for part in gather(mine):
+        out |= part
+    return {k: out[k] for k in keys}
+
+
 def broadcast(obj: T, src: int = 0) -> T:
     """Rank `src`'s `obj` on every rank."""
     import torch.distributed as td

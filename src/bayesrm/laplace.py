@@ -616,11 +616,14 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
     params = dict(model.named_parameters())
     init = init_lora if init_lora is not None else getattr(model, "lora_init", None) or {}
     blocks = {}
+
+    def eig(k: str) -> tuple[tuple[torch.Tensor, torch.Tensor, float], ...]:
+        return tuple(factor_eig(F_, cfg.rank if F_.shape[0] >= cfg.lowrank_threshold else None, cfg.trace_complement)
+                     for F_ in (G[k], A[k]))
+
+    eigs = dist.spread(eig, list(G))  # each process decomposes 1/P of the blocks
     for k in G:
-        rank_g = cfg.rank if G[k].shape[0] >= cfg.lowrank_threshold else None
-        rank_a = cfg.rank if A[k].shape[0] >= cfg.lowrank_threshold else None
-        gv, gU, grho = factor_eig(G[k], rank_g, cfg.trace_complement)
-        av, aU, arho = factor_eig(A[k], rank_a, cfg.trace_complement)
+        (gv, gU, grho), (av, aU, arho) = eigs[k]
         theta = params[k].detach().double().cpu()
         if cfg.prior_mean == "init" and ".lora_A." in k and k in init:
             mu0 = init[k].detach().double().cpu()
