@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 ASSUME = {
@@ -95,7 +96,7 @@ def table(costs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str]) -> None:
-    costs = json.loads(open(argv[0] if argv else "docs/scale_costs.json").read())
+    costs = json.loads(Path(argv[0] if argv else "docs/scale_costs.json").read_text())
     md, res = table(costs)
     print(md)
     print()

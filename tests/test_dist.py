@@ -132,7 +132,7 @@ def _laplace_worker(model_dir: str, n: int, out: str) -> None:
     test = toy_pairs(5, seed=7)
     for kfac, subset in LAPLACE:
         dest = Path(out) / f"{kfac}_{subset}"
-        dest.mkdir(exist_ok=True)
+        dest.mkdir(parents=True, exist_ok=True)
         post = fit_laplace(model, toy_pairs(n), LaplaceConfig(batch_size=3, kfac=kfac, subset=subset))
         if subset == "lora":
             G, A, ll = kfac_factors(model, dist.shard(toy_pairs(n)), kfac, 3, reduce=dist.all_reduce_sum)
