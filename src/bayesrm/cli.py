@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bayesrm.data import (
@@ -32,6 +32,11 @@ console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _error(message: str) -> None:
+    """One red line on stderr, never wrapped, the message taken literally (no rich markup)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _friendly(fn: F) -> F:
     """Turn expected user errors into one red line and exit code 2 (no traceback)."""
 
@@ -40,7 +45,10 @@ def _friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (DataError, ValueError, FileNotFoundError, KeyError) as e:
-            console.print(f"[bold red]error:[/] {e}")
+            _error(str(e))
+            raise typer.Exit(2) from None
+        except OSError as e:  # unreadable input, full disk, …: name the path, no traceback
+            _error(f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -209,7 +217,7 @@ def eval_cmd(
 ) -> None:
     """Accuracy, NLL and ECE for MAP (and Laplace when a posterior exists); OOD AUROC of σ."""
     from bayesrm.experiment import pair_eval
-    from bayesrm.io import atomic_write_json
+    from bayesrm.io import atomic_write_json, json_text
     from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
     from bayesrm.metrics import auroc
     from bayesrm.model import RewardModel
@@ -217,7 +225,7 @@ def eval_cmd(
     model = RewardModel.load(model_dir)
     pairs = _load(data, format, field, skip_invalid, limit)
     post_dir = find_model_dir(model_dir) / POSTERIOR_DIR
-    post = LaplacePosterior.load(post_dir) if (post_dir / "posterior.json").exists() else None
+    post = LaplacePosterior.load(post_dir, model) if (post_dir / "posterior.json").exists() else None
     row = pair_eval(model, pairs, post)
     if ood:
         if post is None:
@@ -230,7 +238,7 @@ def eval_cmd(
     _print_metrics(f"{model_dir} on {data}", row)
     if json_out:
         atomic_write_json(json_out, row)
-    print(json.dumps(row))
+    print(json_text(row, "<stdout>"))
 
 
 def _score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[dict[str, Any]]:

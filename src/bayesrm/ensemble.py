@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesrm.data import Pair
+from bayesrm.data import DataError, Pair
+from bayesrm.integrity import load_tensors, one_line, require_finite, verify_checksums
 from bayesrm.io import atomic_write_json
 from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
 from bayesrm.model import (
+    ADAPTER_NAME,
     CONFIG_NAME,
     HEAD_NAME,
     INIT_NAME,
@@ -33,6 +35,7 @@ from bayesrm.model import (
     find_model_dir,
     is_encoder,
     load_backbone,
+    read_config,
 )
 from bayesrm.templates import collate, encode, length_sorted_batches
 from bayesrm.train import MODEL_DIR, TrainConfig, train
@@ -195,6 +198,7 @@ def _posterior_for(post: LaplacePosterior, adapter: str) -> LaplacePosterior:
     blocks = {_rename_adapter(k, adapter): b for k, b in post.blocks.items()}
     out = LaplacePosterior(blocks, post.cfg, post.n_data, post.log_lik)
     out.tau = {_rename_adapter(k, adapter): t for k, t in post.tau.items()}
+    out.head, out.source = post.head, post.source
     return out
 
 
@@ -270,31 +274,40 @@ class EnsembleRewardModel(nn.Module):
              ) -> EnsembleRewardModel:
         """Load an ensemble dir (manifest.json or member_* dirs) or a list of member dirs onto one backbone."""
         from peft import PeftModel
-        from safetensors.torch import load_file
 
         dirs = _member_dirs(source)
         model_dirs = [find_model_dir(d) for d in dirs]
         configs = []
         for md in model_dirs:
-            try:
-                configs.append(RMConfig.from_dict(json.loads((md / CONFIG_NAME).read_text())))
-            except (json.JSONDecodeError, ValueError, TypeError) as e:
-                raise ValueError(f"{md / CONFIG_NAME}: {e}") from None
+            cfg, meta = read_config(md)
+            verify_checksums(md, meta, md / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
+            configs.append(cfg)
         for f in SHARED_FIELDS:
             vals = [getattr(c, f) for c in configs]
             if any(v != vals[0] for v in vals):
                 raise ValueError(f"ensemble members differ in '{f}' ({vals}); they must share one backbone setup")
         names = [member_name(i) for i in range(len(dirs))]
         base, tok = load_backbone(configs[0])
-        peft = PeftModel.from_pretrained(base, str(model_dirs[0]), adapter_name=names[0])
-        for name, md in zip(names[1:], model_dirs[1:], strict=True):
-            peft.load_adapter(str(md), adapter_name=name)
+        peft: Any = base
+        for name, md in zip(names, model_dirs, strict=True):
+            try:
+                if peft is base:
+                    peft = PeftModel.from_pretrained(base, str(md), adapter_name=name)
+                else:
+                    peft.load_adapter(str(md), adapter_name=name)
+            except Exception as e:  # peft raises RuntimeError (size mismatch), SafetensorError, OSError, ValueError
+                raise DataError(f"adapter does not load: {one_line(e)}", file=str(md / ADAPTER_NAME)) from None
         hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
         heads = nn.ModuleDict({n: nn.Linear(hidden, 1) for n in names})
         inits = []
         for name, md in zip(names, model_dirs, strict=True):
-            heads[name].load_state_dict(load_file(str(md / HEAD_NAME)))
-            raw = load_file(str(md / INIT_NAME)) if (md / INIT_NAME).exists() else {}
+            head = load_tensors(md / HEAD_NAME)
+            require_finite(head, md / HEAD_NAME)
+            try:
+                heads[name].load_state_dict(head)
+            except RuntimeError as e:
+                raise DataError(f"does not fit a linear head: {one_line(e)}", file=str(md / HEAD_NAME)) from None
+            raw = load_tensors(md / INIT_NAME) if (md / INIT_NAME).exists() else {}
             inits.append({_rename_adapter(k, name): v for k, v in raw.items()})
         heads.requires_grad_(False)
         model = cls(configs, peft, heads, tok, inits, dirs)

@@ -157,7 +157,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
         model = RewardModel.load(mdir)
         post_dir = mdir / MODEL_DIR / POSTERIOR_DIR  # next to the model, where `bayesrm laplace` puts it
         if (post_dir / "posterior.json").exists():
-            post = LaplacePosterior.load(post_dir)
+            post = LaplacePosterior.load(post_dir, model)
         else:
             log(f"member {i}: fitting Laplace-LoRA on {len(train_pairs)} pairs")
             with progress_bar("laplace fit (pairs)", len(train_pairs)) as advance:

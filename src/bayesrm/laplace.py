@@ -30,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bayesrm.data import Pair
-from bayesrm.io import atomic_dir
+from bayesrm.data import DataError, Pair
+from bayesrm.integrity import (
+    CHECKSUMS_KEY,
+    load_tensors,
+    require_finite,
+    require_positive,
+    tensor_checksums,
+    verify_checksums,
+)
+from bayesrm.io import atomic_dir, json_text
 from bayesrm.model import RewardModel
 from bayesrm.templates import collate, length_sorted_batches
 
@@ -287,6 +295,8 @@ class LaplacePosterior:
         self.log_lik = log_lik
         self.tau: dict[str, float] = {k: cfg.prior_precision for k in blocks}
         self._grids = {k: b.grid() for k, b in blocks.items()}
+        self.head: torch.Tensor | None = None  # [w, b] of the model's head at the fit (check_matches compares it)
+        self.source: Path | None = None  # the directory it was loaded from (named in errors)
 
     # ------------------------------------------------------------------ evidence
     def scatter(self) -> dict[str, float]:
@@ -443,42 +453,94 @@ class LaplacePosterior:
         meta: dict[str, Any] = {"config": asdict(self.cfg), "n_data": self.n_data, "log_lik": self.log_lik,
                                 "tau": self.tau, "blocks": {}, "format_version": 1}
         for i, (k, b) in enumerate(self.blocks.items()):
-            for f in ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0"):
+            for f in _TENSORS:
                 tensors[f"{i}.{f}"] = getattr(b, f).contiguous()
             meta["blocks"][k] = {"index": i, "g_rho": b.g_rho, "a_rho": b.a_rho}
+        if self.head is not None and HEAD_KEY not in self.blocks:
+            tensors[HEAD_KEY] = self.head.contiguous()
         with atomic_dir(path) as tmp:
-            save_file(tensors, str(tmp / "posterior.safetensors"))
-            (tmp / "posterior.json").write_text(json.dumps(meta, indent=2) + "\n")
+            save_file(tensors, str(tmp / POSTERIOR_FILE))
+            meta[CHECKSUMS_KEY] = tensor_checksums(tmp)
+            (tmp / POSTERIOR_META).write_text(json_text(meta, Path(path) / POSTERIOR_META, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> LaplacePosterior:
-        """Load a posterior written by `save`."""
-        from safetensors.torch import load_file
-
+    def load(cls, path: str | Path, model: RewardModel | None = None) -> LaplacePosterior:
+        """Load, verify (checksums, finite tensors, shapes, eigenvalues ≥ 0, τ > 0) and, given `model`, check it."""
         p = Path(path)
-        if not (p / "posterior.json").exists() and (p / POSTERIOR_DIR / "posterior.json").exists():
+        if not (p / POSTERIOR_META).exists() and (p / POSTERIOR_DIR / POSTERIOR_META).exists():
             p = p / POSTERIOR_DIR
-        if not (p / "posterior.json").exists():
+        meta_file, tensor_file = p / POSTERIOR_META, p / POSTERIOR_FILE
+        if not meta_file.is_file():
             raise FileNotFoundError(f"{p}: no Laplace posterior (posterior.json) here; run `bayesrm laplace` first")
-        meta = json.loads((p / "posterior.json").read_text())
-        t = load_file(str(p / "posterior.safetensors"))
-        blocks = {}
-        for k, info in meta["blocks"].items():
-            i = info["index"]
-            blocks[k] = KronBlock(t[f"{i}.g_vals"], t[f"{i}.g_vecs"], info["g_rho"], t[f"{i}.a_vals"],
-                                  t[f"{i}.a_vecs"], info["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
-        post = cls(blocks, LaplaceConfig(**meta["config"]), meta["n_data"], meta["log_lik"])
-        post.tau = {k: float(v) for k, v in meta["tau"].items()}
+        try:
+            meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+            verify_checksums(p, meta, meta_file, required=(POSTERIOR_FILE,))
+            t = load_tensors(tensor_file)
+            require_finite(t, tensor_file)
+            blocks = {}
+            for k, info in meta["blocks"].items():
+                i = info["index"]
+                rho = {r: require_positive(info[r], f"block {k}: {r}", meta_file, allow_zero=True)
+                       for r in ("g_rho", "a_rho")}
+                blk = KronBlock(t[f"{i}.g_vals"], t[f"{i}.g_vecs"], rho["g_rho"], t[f"{i}.a_vals"],
+                                t[f"{i}.a_vecs"], rho["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
+                _check_block(k, blk, tensor_file)
+                blocks[k] = blk
+            cfg = LaplaceConfig(**meta["config"])
+            require_positive(cfg.temperature, "config.temperature", meta_file)
+            post = cls(blocks, cfg, meta["n_data"], meta["log_lik"])
+            tau = meta["tau"]
+            if not isinstance(tau, dict) or set(tau) != set(blocks):
+                raise DataError("'tau' must give one prior precision per block", file=str(meta_file))
+            post.tau = {k: require_positive(v, f"tau of {k}", meta_file) for k, v in tau.items()}
+            post.head = t.get(HEAD_KEY) if HEAD_KEY not in blocks else None
+        except DataError:
+            raise
+        except KeyError as e:
+            raise DataError(f"missing entry {e}", file=str(meta_file if e.args[0] in _META_ENTRIES else tensor_file)
+                            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            raise DataError(f"malformed ({e})", file=str(meta_file)) from None
+        post.source = p
+        if model is not None:
+            post.check_matches(model)
         return post
 
     def check_matches(self, model: RewardModel, atol: float = 1e-6) -> None:
-        """Raise if the model's LoRA weights are not the MAP this posterior was fitted at (linear heads only)."""
+        """Raise if the model's LoRA weights (and head) are not the MAP this posterior was fitted at (linear heads)."""
+        where = str(self.source) if self.source is not None else None
         params = {k: p.detach() for k, p in model.named_parameters()} | {HEAD_KEY: head_theta(model)}
         for k, b in self.blocks.items():
             if k not in params:
-                raise ValueError(f"posterior tensor {k} not found in the model")
-            if not torch.allclose(params[k].double().cpu(), b.theta.double(), atol=atol):
-                raise ValueError(f"model weights differ from the posterior's MAP at {k}; refit the posterior")
+                raise DataError(f"posterior tensor {k} not found in the model; it belongs to another model",
+                                file=where)
+            if params[k].shape != b.theta.shape or not torch.allclose(params[k].double().cpu(), b.theta.double(),
+                                                                      atol=atol):
+                raise DataError(f"model weights differ from the posterior's MAP at {k}; refit the posterior",
+                                file=where)
+        if self.head is not None and (self.head.shape != params[HEAD_KEY].shape or not torch.allclose(
+                params[HEAD_KEY].double().cpu(), self.head.double(), atol=atol)):
+            raise DataError("model head differs from the one the posterior was fitted with; refit the posterior",
+                            file=where)
+
+
+_TENSORS = ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0")
+_META_ENTRIES = ("blocks", "config", "n_data", "log_lik", "tau", "index", "g_rho", "a_rho")
+POSTERIOR_META, POSTERIOR_FILE = "posterior.json", "posterior.safetensors"
+
+
+def _check_block(name: str, b: KronBlock, file: Path) -> None:
+    """DataError unless the block's shapes agree (vals (k,), vecs (d, k), θ and μ0 (o, i)) and eigenvalues are ≥ 0."""
+    o, i = b.shape
+    ok = (b.g_vals.dim() == 1 and b.a_vals.dim() == 1 and b.g_vecs.dim() == 2 and b.a_vecs.dim() == 2
+          and b.g_vecs.shape[1] == b.g_vals.numel() and b.a_vecs.shape[1] == b.a_vals.numel()
+          and tuple(b.theta.shape) == (o, i) and tuple(b.mu0.shape) == (o, i))
+    if not ok:
+        raise DataError(f"block {name}: inconsistent tensor shapes", file=str(file))
+    if bool((b.g_vals < 0).any()) or bool((b.a_vals < 0).any()):
+        raise DataError(f"block {name}: negative curvature eigenvalues", file=str(file))
 
 
 def _require_linear_head(model: RewardModel) -> nn.Linear:
@@ -612,4 +674,5 @@ def _tune(post: LaplacePosterior, model: RewardModel, val_pairs: Sequence[Pair])
     """Choose τ with the configured method (validation pairs only for val_nll)."""
     use_val = TauMethod(post.cfg.tau_method) is TauMethod.VAL_NLL and bool(val_pairs)
     post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val else None)
+    post.head = head_theta(model).double().cpu()
     return post

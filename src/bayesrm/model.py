@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from bayesrm.bnrm import BNRMConfig, BNRMHead, pair_covariance
-from bayesrm.io import atomic_dir
+from bayesrm.data import DataError
+from bayesrm.integrity import (
+    CHECKSUMS_KEY,
+    load_tensors,
+    one_line,
+    require_finite,
+    tensor_checksums,
+    verify_checksums,
+)
+from bayesrm.io import atomic_dir, json_text
 from bayesrm.templates import Template, collate, encode, length_sorted_batches
 
 EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
@@ -24,6 +33,8 @@ ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "elec
 CONFIG_NAME = "bayesrm.json"
 HEAD_NAME = "head.safetensors"
 INIT_NAME = "lora_init.safetensors"
+ADAPTER_NAME = "adapter_model.safetensors"  # peft's file name
+_META_KEYS = {"format_version", CHECKSUMS_KEY}  # bayesrm.json keys that are not RMConfig fields
 
 
 class Pooling(str, Enum):
@@ -73,7 +84,7 @@ class RMConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RMConfig:
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"format_version"}
+        unknown = set(d) - known - _META_KEYS
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -319,35 +330,55 @@ class RewardModel(nn.Module):
             self.backbone.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_NAME))
             save_file({k: v.contiguous() for k, v in self.lora_init.items()}, str(tmp / INIT_NAME))
-            d = self.config.to_dict() | {"format_version": 1}
-            (tmp / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n")
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
+            d = self.config.to_dict() | {"format_version": 1, CHECKSUMS_KEY: tensor_checksums(tmp)}
+            (tmp / CONFIG_NAME).write_text(json_text(d, Path(path) / CONFIG_NAME, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> RewardModel:
         """Rebuild a saved model: same backbone, template, LoRA and weights → identical scores."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         p = find_model_dir(path)
-        cfg_file = p / CONFIG_NAME
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{p}: not a bayesrm model directory (no {CONFIG_NAME})")
-        try:
-            cfg = RMConfig.from_dict(json.loads(cfg_file.read_text()))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
-            raise ValueError(f"{cfg_file}: {e}") from None
+        cfg, meta = read_config(p)
+        verify_checksums(p, meta, p / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
         model = cls(cfg)
-        adapter = load_file(str(p / "adapter_model.safetensors"))
-        res = set_peft_model_state_dict(model.backbone, adapter)
+        adapter = load_tensors(p / ADAPTER_NAME)
+        require_finite(adapter, p / ADAPTER_NAME)
+        try:
+            res = set_peft_model_state_dict(model.backbone, adapter)
+        except RuntimeError as e:  # size mismatch: the config's LoRA rank or targets disagree with the weights
+            raise DataError(f"does not fit the model {CONFIG_NAME} describes (lora_r={cfg.lora_r}, target_modules="
+                            f"{cfg.target_modules}): {one_line(e)}", file=str(p / ADAPTER_NAME)) from None
         unexpected = list(getattr(res, "unexpected_keys", []))
         if unexpected:
-            raise ValueError(f"{p}: adapter has unexpected keys {unexpected[:3]}")
-        model.head.load_state_dict(load_file(str(p / HEAD_NAME)))
+            raise DataError(f"unexpected adapter keys {unexpected[:3]}", file=str(p / ADAPTER_NAME))
+        head = load_tensors(p / HEAD_NAME)
+        require_finite(head, p / HEAD_NAME)
+        try:
+            model.head.load_state_dict(head)
+        except RuntimeError as e:
+            raise DataError(f"does not fit the '{cfg.head}' head of {CONFIG_NAME}: {one_line(e)}",
+                            file=str(p / HEAD_NAME)) from None
         if (p / INIT_NAME).exists():
-            model.lora_init = load_file(str(p / INIT_NAME))
+            model.lora_init = load_tensors(p / INIT_NAME)
         model.eval()
         if device is not None:
             model.to(device)
         return model
+
+
+def read_config(model_dir: Path) -> tuple[RMConfig, dict[str, Any]]:
+    """(RMConfig, the raw bayesrm.json dict) of a model directory; DataError naming the file if unusable."""
+    cfg_file = model_dir / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a bayesrm model directory (no {CONFIG_NAME})")
+    try:
+        meta = json.loads(cfg_file.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+        return RMConfig.from_dict(meta), meta
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise DataError(str(e), file=str(cfg_file)) from None
+

@@ -23,7 +23,7 @@ import torch
 
 from bayesrm.data import iter_rows
 from bayesrm.integrations.trl import RewardFunction
-from bayesrm.io import atomic_dir, atomic_write_json, atomic_write_text
+from bayesrm.io import atomic_dir, atomic_write_json, atomic_write_text, json_text, jsonl_text
 from bayesrm.objectives import Family, parse_spec
 from bayesrm.scoring import Scorer
 
@@ -207,9 +207,9 @@ class GoldMonitor:
             std = s.std.tolist() if s.std is not None else [None] * len(p)
             with open(self.rows_path, "a", encoding="utf-8") as f:
                 for i in range(len(p)):
-                    f.write(json.dumps({"step": step, "prompt": p[i], "completion": c[i],
-                                        "proxy": float(s.selection[i]), "reward": float(s.reward[i]),
-                                        "sigma": std[i], "gold": float(g[i])}, ensure_ascii=False) + "\n")
+                    f.write(json_text({"step": step, "prompt": p[i], "completion": c[i],
+                                       "proxy": float(s.selection[i]), "reward": float(s.reward[i]),
+                                       "sigma": std[i], "gold": float(g[i])}, self.rows_path) + "\n")
         return [float(x) for x in s.selection.tolist()]
 
 
@@ -331,7 +331,7 @@ def run_one(cfg: RLHFConfig, name: str, out_dir: str | Path, policy: str | None 
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out / "final"))
     history = step_history(trainer.state.log_history)
-    atomic_write_text(hist_file, "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_text(hist_file, jsonl_text(hist_file, history))
     atomic_write_json(out / "done.json", {"spec": str(spec), "seconds": time.time() - t0, "steps": cfg.steps})
     return history
 

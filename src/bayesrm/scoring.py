@@ -81,8 +81,7 @@ class Scorer:
             found = find_posterior(path)
             if found is None:
                 raise FileNotFoundError(f"{path}: no Laplace posterior for spec '{s}'; run `bayesrm laplace {path}`")
-            post = LaplacePosterior.load(found)
-            post.check_matches(model)
+            post = LaplacePosterior.load(found, model)
             posts = [post]
         return cls(model, s, posts, batch_size)
 

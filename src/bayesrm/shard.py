@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bayesrm.io import atomic_path, atomic_write_json
+from bayesrm.io import atomic_path, atomic_write_json, json_text
 
 MANIFEST = "manifest.json"
 
@@ -61,8 +61,8 @@ def write_shard(out: str | Path, index: int, num_shards: int, rows: list[dict[st
     """Write one shard's scored rows as JSON lines, atomically."""
     path = shard_path(out, index, num_shards)
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for i, r in enumerate(rows, 1):
+            f.write(json_text(r, path, line=i) + "\n")
     return path
 
 

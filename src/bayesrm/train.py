@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from bayesrm.data import Pair
-from bayesrm.io import atomic_dir, atomic_write_json, write_jsonl
+from bayesrm.integrity import CHECKSUMS_KEY, load_tensors, require_finite, tensor_checksums, verify_checksums
+from bayesrm.io import atomic_dir, atomic_write_json, json_text, write_jsonl
 from bayesrm.losses import bradley_terry_loss, centering_penalty
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import RewardModel
@@ -114,14 +115,17 @@ def _save_checkpoint(out: Path, model: RewardModel, opt: torch.optim.Optimizer, 
         save_file({k: v.contiguous() for k, v in model.trainable_state().items()}, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **_rng_state(model.device)},
                    tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        state_file = {**state, CHECKSUMS_KEY: tensor_checksums(tmp)}
+        (tmp / "state.json").write_text(json_text(state_file, out / CHECKPOINT_DIR / "state.json", indent=2))
 
 
 def _load_checkpoint(out: Path, model: RewardModel, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
     ck = out / CHECKPOINT_DIR
-    weights = load_file(str(ck / "trainable.safetensors"))
+    state: dict[str, Any] = json.loads((ck / "state.json").read_text())
+    verify_checksums(ck, state, ck / "state.json", required=("trainable.safetensors",))
+    state.pop(CHECKSUMS_KEY, None)
+    weights = load_tensors(ck / "trainable.safetensors")
+    require_finite(weights, ck / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = set(model.trainable_state()) - set(weights)
     if missing or set(weights) - set(params):
@@ -133,7 +137,6 @@ def _load_checkpoint(out: Path, model: RewardModel, opt: torch.optim.Optimizer, 
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     _set_rng_state(blob, model.device)
-    state: dict[str, Any] = json.loads((ck / "state.json").read_text())
     return state
 
 
