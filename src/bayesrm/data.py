@@ -205,8 +205,8 @@ def _iter_csv(p: Path, delimiter: str) -> Iterator[RowOrError]:
     for row in reader:
         if None in row:
             yield start, DataError(f"{len(row[None])} more values than header columns", file=str(p), line=start)
-        else:
-            yield start, dict(row)
+        else:  # a short row leaves its last columns None: missing (CSV has no null)
+            yield start, {k: v for k, v in row.items() if v is not None}
         start = reader.line_num + 1
 
 
