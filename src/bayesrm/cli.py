@@ -542,6 +542,13 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="cpu | cuda:0 … (default: where the model loads)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (warning: no access log)")] = "info",
+    max_queue_s: Annotated[float | None, typer.Option(help="a request not being scored after this long gets 503 "
+                                                           "+ Retry-After (default: ServeConfig's)")] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(help="a request not answered after this long gets 504 "
+                                                                 "+ Retry-After (default: ServeConfig's)")] = None,
+    header_timeout_s: Annotated[float | None, typer.Option(help="close connections that have not sent complete "
+                                                                "headers after this long (default: ServeConfig's)")
+                                ] = None,
 ) -> None:
     """HTTP scoring server: POST /v1/score {prompt, responses} → reward, std, selection; /health, /metrics."""
     import torch
@@ -550,10 +557,12 @@ def serve_cmd(
 
     if threads:
         torch.set_num_threads(threads)
+    limits = {k: v for k, v in (("max_queue_s", max_queue_s), ("request_timeout_s", request_timeout_s),
+                                ("header_timeout_s", header_timeout_s)) if v is not None}
     serve(model_dir, ServeConfig(host=host, port=port, spec=spec, max_batch_responses=max_batch,
                                  max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_responses=max_responses,
                                  max_tokens=max_tokens, api_key_env=api_key_env, batch_size=batch_size,
-                                 log_level=log_level),
+                                 log_level=log_level, **limits),
           device=device)
 
 
