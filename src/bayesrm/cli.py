@@ -25,11 +25,13 @@ from bayesrm.data import (
 )
 from bayesrm.model import find_model_dir
 from bayesrm.progress import progress_bar
+from bayesrm.train import TrainConfig
 
 app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RMs, Laplace-LoRA, best-of-n.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+_TC = TrainConfig()  # `bayesrm train` defaults are TrainConfig's
 
 
 def _error(message: str) -> None:
@@ -105,18 +107,26 @@ def train_cmd(
     bnrm_k: Annotated[int, typer.Option(help="BNRM latent factors K")] = 1024,
     bnrm_eta: Annotated[float, typer.Option(help="BNRM KL weight η")] = 1e-5,
     freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op)")] = False,
-    epochs: int = 1,
-    lr: float = 2e-4,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    warmup_ratio: float = 0.03,
-    margin: float = 0.0,
-    center_coef: float = 0.0,
+    epochs: Annotated[int, typer.Option(help="passes over the training pairs")] = _TC.epochs,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate")] = _TC.lr,
+    batch_size: Annotated[int, typer.Option(help="pairs per micro-batch")] = _TC.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = _TC.grad_accum,
+    warmup_ratio: Annotated[float, typer.Option(help="fraction of steps with linear warm-up")] = _TC.warmup_ratio,
+    weight_decay: Annotated[float, typer.Option(help="AdamW decoupled weight decay")] = _TC.weight_decay,
+    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0 disables)")] = _TC.max_grad_norm,
+    margin: Annotated[float, typer.Option(help="BT margin m in −log σ(r_w − r_l − m)")] = _TC.margin,
+    center_coef: Annotated[float, typer.Option(help="weight of the reward-centering term")] = _TC.center_coef,
     lora_seed: int = 0,
-    data_seed: int = 0,
+    data_seed: Annotated[int, typer.Option(help="data order and dropout RNG")] = _TC.data_seed,
     split_seed: int = 0,
-    mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = "no",
-    max_steps: int | None = None,
+    group_by_length: Annotated[bool, typer.Option(help="batches of similar length, in random order")] = (
+        _TC.group_by_length),
+    mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = _TC.mixed_precision,
+    eval_batch_size: Annotated[int, typer.Option(help="responses per evaluation batch")] = _TC.eval_batch_size,
+    checkpoint_every: Annotated[int, typer.Option(help="optimizer steps between atomic checkpoints in OUT/checkpoint "
+                                                       "(0: epoch ends only); a killed run continued with --resume "
+                                                       "loses at most this many")] = _TC.checkpoint_every,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many optimizer steps")] = _TC.max_steps,
     limit: Annotated[int | None, typer.Option(help="use only the first N pairs")] = None,
     sample: Annotated[int | None, typer.Option(help="use a random N pairs (seeded by --split-seed)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint")] = False,
@@ -126,7 +136,7 @@ def train_cmd(
 ) -> None:
     """Train a Bradley–Terry LoRA reward model."""
     from bayesrm.model import RewardModel, RMConfig
-    from bayesrm.train import TrainConfig, train
+    from bayesrm.train import train
 
     pairs = _load(data, format, field, skip_invalid, limit)
     if sample is not None and sample < len(pairs):
@@ -142,8 +152,9 @@ def train_cmd(
                   freeze_backbone=freeze_backbone,
                   extra={"train_data": data, "eval_data": eval_data, "split_seed": split_seed})
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
-                     margin=margin, center_coef=center_coef, data_seed=data_seed, mixed_precision=mixed_precision,
-                     max_steps=max_steps)
+                     weight_decay=weight_decay, max_grad_norm=max_grad_norm, margin=margin, center_coef=center_coef,
+                     data_seed=data_seed, group_by_length=group_by_length, mixed_precision=mixed_precision,
+                     eval_batch_size=eval_batch_size, checkpoint_every=checkpoint_every, max_steps=max_steps)
     model = RewardModel(mc)
     save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
     save_pairs(eval_pairs, out / "data" / "eval.jsonl")
