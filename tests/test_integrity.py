@@ -10,8 +10,9 @@ import os
 import shutil
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from bayesrm.data import DataError, load_pairs
 from bayesrm.integrity import UnverifiedArtifactWarning, file_sha256
 from bayesrm.io import atomic_dir, atomic_write_json, atomic_write_text, write_jsonl
 from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, LaplacePosterior, fit_laplace
-from bayesrm.model import RewardModel
+from bayesrm.model import RewardModel, RMConfig
 
 runner = CliRunner()
 PAIRS = toy_pairs(12)
@@ -36,7 +37,7 @@ def _pairs_file(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_cfg) -> Path:  # type: ignore[no-untyped-def]
+def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: Callable[..., RMConfig]) -> Path:
     """root/run (model + LoRA posterior), root/other (another model's posterior), pairs and score inputs."""
     root = tmp_path_factory.mktemp("integrity")
     for name, seed in (("run", 0), ("other", 1)):
@@ -60,7 +61,7 @@ def run(pristine: Path, tmp_path: Path) -> Path:
     return tmp_path / "c"
 
 
-def _one_line_error(args: list[str], *names: object) -> str:
+def _one_line_error(args: Sequence[object], *names: object) -> str:
     res = runner.invoke(app, [str(a) for a in args])
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and (res.exception is None or isinstance(res.exception, SystemExit))
@@ -82,7 +83,7 @@ def _flip_last_byte(path: Path) -> None:
     path.write_bytes(bytes(b))
 
 
-def _edit_json(path: Path, fn: Callable[[dict], None]) -> None:  # type: ignore[type-arg]
+def _edit_json(path: Path, fn: Callable[[dict[str, Any]], None]) -> None:
     d = json.loads(path.read_text())
     fn(d)
     path.write_text(json.dumps(d))

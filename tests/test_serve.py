@@ -270,7 +270,7 @@ def test_queue_and_run_time_limits_give_503_and_504_with_retry_after() -> None:
         second = asyncio.create_task(b.submit("p", ["b"]))  # queued behind it for > 0.2 s
         out = await asyncio.gather(first, second, return_exceptions=True)
         await b.close()
-        return out
+        return list(out)
 
     first, second = asyncio.run(go())
     assert isinstance(first, Rejected) and first.status == 504 and first.headers == {"Retry-After": "7"}

@@ -253,10 +253,11 @@ class BNRMHead(nn.Module):
 # --------------------------------------------------------------------------- interpretability
 
 
-def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson correlation; None when undefined (a constant x or y)."""
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     den = float(x.norm() * y.norm())
-    return float(x @ y) / den if den > 0 else math.nan
+    return float(x @ y) / den if den > 0 else None
 
 
 def explain_factors(model: RewardModel, prompts: Sequence[str], responses: Sequence[str], top_k: int = 10,

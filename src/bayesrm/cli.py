@@ -165,6 +165,11 @@ def train_cmd(
     console.print(f"model saved to {out / 'model'}")
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    """A number formatted with `spec`, or 'n/a' for an undefined (None) one."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def _print_metrics(title: str, row: dict[str, Any]) -> None:
     t = Table(title=title)
     t.add_column("metric")
@@ -524,7 +529,7 @@ def explain_cmd(
                   f"{rep['active_theta']} a θ > 0 on some response")
     for f in rep["factors"]:
         t = Table(title=f"factor {f['factor']}: Φ={f['phi']:.4g}, mean θ={f['mean_theta']:.4g}, "
-                        f"active {f['active_frac']:.0%}, r(θ, words)={f['length_corr']:.2f}")
+                        f"active {f['active_frac']:.0%}, r(θ, words)={_fmt(f['length_corr'], '.2f')}")
         for col in ("θ", "words", "prompt", "response"):
             t.add_column(col, justify="right" if col in ("θ", "words") else "left")
         for x in f["top"]:
@@ -568,7 +573,7 @@ def serve_cmd(
 
     if threads:
         torch.set_num_threads(threads)
-    limits = {k: v for k, v in (("max_queue_s", max_queue_s), ("request_timeout_s", request_timeout_s),
+    limits: dict[str, Any] = {k: v for k, v in (("max_queue_s", max_queue_s), ("request_timeout_s", request_timeout_s),
                                 ("header_timeout_s", header_timeout_s)) if v is not None}
     serve(model_dir, ServeConfig(host=host, port=port, spec=spec, max_batch_responses=max_batch,
                                  max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_responses=max_responses,

@@ -97,6 +97,20 @@ def _nonfinite_at(obj: Any, where: str = "") -> str | None:
     return None
 
 
+def nan_to_null(obj: Any) -> Any:
+    """`obj` with every NaN float replaced by None, for writers whose NaN means "not available" (e.g. σ of a MAP run).
+
+    Only for values that are absent by design; a NaN from a failed computation must stay an error.
+    """
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_null(v) for v in obj]
+    return obj
+
+
 def json_text(obj: Any, file: str | Path, line: int | None = None, indent: int | None = None) -> str:
     """`json.dumps` (UTF-8) that refuses NaN/±inf with a DataError naming the file, line and field."""
     try:
