@@ -23,6 +23,7 @@ from bayesrm.data import (
     save_pairs,
     split_by_prompt,
 )
+from bayesrm.io import check_target
 from bayesrm.model import find_model_dir
 from bayesrm.progress import progress_bar
 from bayesrm.train import TrainConfig
@@ -138,6 +139,7 @@ def train_cmd(
     from bayesrm.model import RewardModel, RMConfig
     from bayesrm.train import train
 
+    check_target(out, want_dir=True)  # before any work: a bad --out is one line, not a failure at the end
     pairs = _load(data, format, field, skip_invalid, limit)
     if sample is not None and sample < len(pairs):
         pairs = [pairs[i] for i in sorted(random.Random(split_seed).sample(range(len(pairs)), sample))]
@@ -238,6 +240,8 @@ def eval_cmd(
     from bayesrm.metrics import auroc
     from bayesrm.model import RewardModel
 
+    if json_out:
+        check_target(json_out)
     model = RewardModel.load(model_dir)
     pairs = _load(data, format, field, skip_invalid, limit)
     post_dir = find_model_dir(model_dir) / POSTERIOR_DIR
@@ -399,6 +403,7 @@ def score_cmd(
     if num_processes < 1 or (shard is not None and num_processes > 1):
         raise ValueError("--num-processes must be ≥ 1 and cannot be combined with --shard")
     spec = str(parse_spec(f"la:{penalty}:k={k}" if uncertainty else (spec or "map")))
+    check_target(out)
     fields = (prompt_field, response_field)
     if threads:
         torch.set_num_threads(threads)

@@ -35,7 +35,7 @@ def _write_error(dest: Path, e: OSError) -> DataError:
     return DataError(f"cannot write ({e.strerror or type(e).__name__})", file=str(dest))
 
 
-def _check_target(dest: Path, want_dir: bool) -> None:
+def check_target(dest: Path, want_dir: bool = False) -> None:
     """DataError if `dest` cannot become a file (or directory): wrong kind, or a parent that is a file."""
     if dest.exists() and dest.is_dir() != want_dir:
         kind, want = ("a directory", "file") if dest.is_dir() else ("not a directory", "directory")
@@ -59,7 +59,7 @@ def _mode(dest: Path, default: int) -> int:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path` in one rename."""
     dest = Path(path)
-    _check_target(dest, want_dir=False)
+    check_target(dest, want_dir=False)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -146,7 +146,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces the directory `path` (old one removed)."""
     dest = Path(path)
-    _check_target(dest, want_dir=True)
+    check_target(dest, want_dir=True)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
