@@ -175,8 +175,9 @@ def laplace_cmd(
     skip_invalid: SkipOpt = False,
 ) -> None:
     """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision."""
-    from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
+    from bayesrm.laplace import LaplaceConfig, fit_laplace
     from bayesrm.model import RewardModel
+    from bayesrm.run import POSTERIOR_DIR
 
     model = RewardModel.load(model_dir)
     pairs = _load(data, format, field, skip_invalid, limit)
@@ -210,9 +211,10 @@ def eval_cmd(
     """Accuracy, NLL and ECE for MAP (and Laplace when a posterior exists); OOD AUROC of σ."""
     from bayesrm.experiment import pair_eval
     from bayesrm.io import atomic_write_json
-    from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
+    from bayesrm.laplace import LaplacePosterior
     from bayesrm.metrics import auroc
     from bayesrm.model import RewardModel
+    from bayesrm.run import POSTERIOR_DIR
 
     model = RewardModel.load(model_dir)
     pairs = _load(data, format, field, skip_invalid, limit)
@@ -399,6 +401,32 @@ def score_cmd(
             _add_scores(scorer, rows, fields, advance)
         write_jsonl(out, rows)
         console.print(f"wrote {len(rows)} scored rows to {out}")
+
+
+@app.command("standardize")
+@_friendly
+def standardize_cmd(
+    ensemble_dir: Annotated[Path, typer.Argument(help="ensemble directory (manifest.json + member_i/)")],
+    reference: Annotated[str, typer.Argument(help="reference responses: rows with prompt and response (e.g. "
+                                                  "samples of the policy you will select from), or pairs")],
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    limit: Annotated[int, typer.Option(help="use at most this many reference responses")] = 1000,
+    batch_size: int = 32,
+) -> None:
+    """Fit and store each member's standardisation statistics (mean, std) on a reference set (ens:/la-ens: specs)."""
+    from bayesrm.ensemble import fit_standardization, reference_responses
+
+    first = next(iter_rows(reference), (0, {}))[1]
+    if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):  # pairs: both sides
+        prompts, responses = reference_responses(_load(reference, DataFormat.AUTO.value, None, False), limit)
+    else:
+        checked = list(_score_rows(reference, prompt_field, response_field))[:limit]
+        prompts, responses = [r[prompt_field] for r in checked], [r[response_field] for r in checked]
+    mean, std = fit_standardization(ensemble_dir, prompts, responses, source=f"{reference} ({len(responses)})",
+                                    batch_size=batch_size)
+    console.print(f"{ensemble_dir}: standardisation on {len(responses)} responses of {reference}: "
+                  f"mean {[round(float(m), 4) for m in mean]}, std {[round(float(s), 4) for s in std]}")
 
 
 @app.command("bon")

@@ -33,9 +33,9 @@ from torch import nn
 from bayesrm.data import Pair
 from bayesrm.io import atomic_dir
 from bayesrm.model import RewardModel
+from bayesrm.run import POSTERIOR_META, RunDir
 from bayesrm.templates import collate, length_sorted_batches
 
-POSTERIOR_DIR = "laplace"
 HEAD_KEY = "head"  # block name of the head-only posterior over [head.weight, head.bias]
 
 
@@ -448,7 +448,7 @@ class LaplacePosterior:
             meta["blocks"][k] = {"index": i, "g_rho": b.g_rho, "a_rho": b.a_rho}
         with atomic_dir(path) as tmp:
             save_file(tensors, str(tmp / "posterior.safetensors"))
-            (tmp / "posterior.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / POSTERIOR_META).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LaplacePosterior:
@@ -456,11 +456,11 @@ class LaplacePosterior:
         from safetensors.torch import load_file
 
         p = Path(path)
-        if not (p / "posterior.json").exists() and (p / POSTERIOR_DIR / "posterior.json").exists():
-            p = p / POSTERIOR_DIR
-        if not (p / "posterior.json").exists():
-            raise FileNotFoundError(f"{p}: no Laplace posterior (posterior.json) here; run `bayesrm laplace` first")
-        meta = json.loads((p / "posterior.json").read_text())
+        if not (p / POSTERIOR_META).exists():  # a run or model directory: its posterior
+            p = RunDir.of(p).find_posterior() or p
+        if not (p / POSTERIOR_META).exists():
+            raise FileNotFoundError(f"{p}: no Laplace posterior ({POSTERIOR_META}) here; run `bayesrm laplace` first")
+        meta = json.loads((p / POSTERIOR_META).read_text())
         t = load_file(str(p / "posterior.safetensors"))
         blocks = {}
         for k, info in meta["blocks"].items():

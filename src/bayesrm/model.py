@@ -15,13 +15,13 @@ from torch import nn
 
 from bayesrm.bnrm import BNRMConfig, BNRMHead, pair_covariance
 from bayesrm.io import atomic_dir
+from bayesrm.run import CONFIG_NAME, find_model_dir
 from bayesrm.templates import Template, collate, encode, length_sorted_batches
 
 EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
                  "albert", "modernbert", "camembert"}
-CONFIG_NAME = "bayesrm.json"
 HEAD_NAME = "head.safetensors"
 INIT_NAME = "lora_init.safetensors"
 
@@ -112,12 +112,6 @@ def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
     return base, tok
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """The model directory of a run directory (`run/model`), or `path` itself when it holds a model."""
-    p = Path(path)
-    return p / "model" if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists() else p
 
 
 def is_encoder(base: nn.Module) -> bool:

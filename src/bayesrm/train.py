@@ -19,10 +19,9 @@ from bayesrm.io import atomic_dir, atomic_write_json, write_jsonl
 from bayesrm.losses import bradley_terry_loss, centering_penalty
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import RewardModel
+from bayesrm.run import CHECKPOINT_DIR, MODEL_DIR
 from bayesrm.templates import collate
 
-CHECKPOINT_DIR = "checkpoint"
-MODEL_DIR = "model"
 METRICS_NAME = "metrics.jsonl"
 
 
