@@ -163,7 +163,8 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
         else:
             log(f"member {i}: fitting Laplace-LoRA on {len(train_pairs)} pairs")
             with progress_bar("laplace fit (pairs)", len(train_pairs)) as advance:
-                post = fit_laplace(model, train_pairs, cfg.laplace, val_pairs=val_pairs, progress=advance)
+                post = fit_laplace(model, train_pairs, cfg.laplace.for_training(asdict(cfg.train)), val_pairs=val_pairs,
+                                   progress=advance)
             post.save(run.posterior_dir)
         taus = sorted(post.tau.values())
         member_info.append({"member": i, "lora_seed": model.config.lora_seed,

@@ -184,6 +184,10 @@ class RewardModel(nn.Module):
         # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
         self.lora_init: dict[str, torch.Tensor] = {
             n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
+        # the linear head's initial weight (drawn from lora_seed, so a loaded model redraws the same): the prior
+        # mean of a head-only Laplace posterior
+        self.head_init: torch.Tensor | None = (
+            self.head.weight.detach().clone() if isinstance(self.head, nn.Linear) else None)
 
     # ------------------------------------------------------------------ forward / scoring
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
