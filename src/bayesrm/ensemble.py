@@ -40,10 +40,11 @@ from bayesrm.model import (
 )
 from bayesrm.objectives import reference_stats, standardize, standardize_var
 from bayesrm.run import MANIFEST_NAME, MODEL_DIR, RunDir, find_model_dir
-from bayesrm.templates import collate, encode, length_sorted_batches
+from bayesrm.templates import collate, length_sorted_batches
 from bayesrm.train import TrainConfig, train
 
-SHARED_FIELDS = ("backbone", "gguf_file", "dtype", "template", "max_length", "pooling")  # must match across members
+SHARED_FIELDS = ("backbone", "gguf_file", "dtype", "template", "max_length", "pooling", "prompt_budget",
+                 "response_keep")  # must match across members
 
 
 class MemberStatus(str, Enum):
@@ -360,8 +361,7 @@ class EnsembleRewardModel(nn.Module):
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids per (prompt, response), shared by all members."""
-        return encode(self.tokenizer, prompts, responses, template=self.config.template,
-                      max_length=self.config.max_length)
+        return self._views[0].encode(prompts, responses)  # the members share template and truncation
 
     @torch.no_grad()
     def score_members(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
