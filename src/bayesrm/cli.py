@@ -242,6 +242,14 @@ def eval_cmd(
             console.print(f"[bold yellow]warning:[/] {seen:.0%} of the pairs in {data} were used to fit the "
                           "posterior: these metrics are in-sample")
     row = pair_eval(model, pairs, post)
+    if len({p.prompt for p in pairs}) > 1:  # does the model read the prompt? (own vs a swapped prompt)
+        from bayesrm.sensitivity import measure_prompt_sensitivity
+
+        def predict(prompts: list[str], responses: list[str]) -> tuple[Any, Any]:
+            return post.predict(model, prompts, responses) if post else (model.score(prompts, responses), None)
+
+        sens = measure_prompt_sensitivity(predict, [p.prompt for p in pairs], [p.chosen for p in pairs])
+        row |= {f"prompt_{k}": v for k, v in sens.items() if k != "n"}
     if ood:
         if post is None:
             raise ValueError("--ood needs a Laplace posterior: run `bayesrm laplace` first")
