@@ -39,7 +39,7 @@ def test_laplace_fits_the_saved_training_split_and_eval_warns_in_sample(trained:
     from bayesrm.data import load_pairs
     from bayesrm.laplace import LaplacePosterior
 
-    run, data = trained
+    run, _data = trained
     post = LaplacePosterior.load(run)
     assert post.fitted_fraction(load_pairs(run / "data" / "train.jsonl")) == 1.0
     assert post.fitted_fraction(load_pairs(run / "data" / "eval.jsonl")) == 0.0

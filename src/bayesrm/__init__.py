@@ -24,7 +24,31 @@ _EXPORTS = {
     "Scorer": "bayesrm.scoring", "Scores": "bayesrm.scoring",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "BonCurve",
+    "DataError",
+    "EnsembleRewardModel",
+    "LaplaceConfig",
+    "LaplacePosterior",
+    "Pair",
+    "RMConfig",
+    "RewardModel",
+    "RunDir",
+    "Scorer",
+    "Scores",
+    "SelectionSpec",
+    "TrainConfig",
+    "__version__",
+    "bon_curve",
+    "bon_estimate",
+    "bon_weights",
+    "fit_laplace",
+    "kl_bon",
+    "load_pairs",
+    "parse_spec",
+    "split_by_prompt",
+    "train_ensemble",
+]
 
 if TYPE_CHECKING:
     from bayesrm.bon import BonCurve, bon_curve, bon_estimate, bon_weights, kl_bon

@@ -42,7 +42,7 @@ class Head(str, Enum):
     BNRM = "bnrm"  # Bayesian non-negative factor head (bayesrm.bnrm), with predictive moments
 
 
-_LEGACY_TRUNCATION = {"prompt_budget": 0.0, "response_keep": "end"}  # models saved before these fields existed
+_LEGACY_TRUNCATION: dict[str, Any] = {"prompt_budget": 0.0, "response_keep": "end"}  # saved before these fields
 _NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
 
 
