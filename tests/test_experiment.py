@@ -13,9 +13,10 @@ import torch
 
 from bayesrm.data import DataError
 from bayesrm.experiment import BonConfig, load_config, run_bon
-from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig
+from bayesrm.laplace import LaplaceConfig
 from bayesrm.model import RewardModel
 from bayesrm.pool import Pool
+from bayesrm.run import POSTERIOR_DIR
 from bayesrm.train import TrainConfig
 
 GOOD, BAD = ["good", "great", "clear", "kind"], ["bad", "awful", "vague", "rude"]

@@ -24,8 +24,9 @@ from bayesrm.cli import app
 from bayesrm.data import DataError, load_pairs
 from bayesrm.integrity import UnverifiedArtifactWarning, file_sha256
 from bayesrm.io import atomic_dir, atomic_write_json, atomic_write_text, write_jsonl
-from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, LaplacePosterior, fit_laplace
+from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.model import RewardModel, RMConfig
+from bayesrm.run import POSTERIOR_DIR
 
 runner = CliRunner()
 PAIRS = toy_pairs(12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,12 +72,16 @@ def test_ensemble_specs_ignore_a_members_bt_offset(laplace_ensemble: Path, tmp_p
     from safetensors.torch import load_file, save_file
 
     from bayesrm.ensemble import fit_standardization, reference_responses
+    from bayesrm.integrity import tensor_checksums
 
     shifted = tmp_path / "ens"
     shutil.copytree(laplace_ensemble, shifted)
     head = shifted / "member_1" / "model" / "head.safetensors"
     w = load_file(str(head))
     save_file({"weight": w["weight"], "bias": w["bias"] + 5.0}, str(head))
+    meta = json.loads((head.parent / "bayesrm.json").read_text())  # a deliberate edit: record its checksum
+    meta["checksums"] = tensor_checksums(head.parent)
+    (head.parent / "bayesrm.json").write_text(json.dumps(meta))
     ref_prompts, ref_responses = reference_responses(toy_pairs(16))
     fit_standardization(shifted, ref_prompts, ref_responses, source="test")
     for spec in ("ens:wco", "ens:uwo:lambda=0.5", "ens:mean"):
