@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesrm.batching import scoring_batches
 from bayesrm.data import DataError, Pair, pairs_fingerprint
 from bayesrm.heads import Head, LinearHead
 from bayesrm.integrity import load_tensors, one_line, require_finite, verify_checksums
@@ -44,7 +45,6 @@ from bayesrm.model import (
 )
 from bayesrm.objectives import reference_stats, standardize, standardize_var
 from bayesrm.run import MANIFEST_NAME, MODEL_DIR, RunDir, find_model_dir
-from bayesrm.templates import collate, length_sorted_batches
 from bayesrm.train import TrainConfig, train
 
 SHARED_FIELDS = ("backbone", "gguf_file", "dtype", "template", "max_length", "pooling", "prompt_budget",
@@ -388,9 +388,7 @@ class EnsembleRewardModel(nn.Module):
         self.eval()
         ids = self.encode(prompts, responses)
         out = torch.empty(len(self), len(ids))  # (M, N)
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)  # (B, T)
-            x, m = x.to(self.device), m.to(self.device)
+        for idx, x, m in scoring_batches(ids, batch_size, self.pad_id, self.device):  # (B, T)
             for j, view in enumerate(self._views):
                 out[j, idx] = view(x, m).float().cpu()
             if progress is not None:

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bayesrm.batching import pair_batches, scoring_batches
 from bayesrm.config import KFACVariant, LaplaceConfig, PriorStructure, Subset, TauMethod
 from bayesrm.data import DataError, Pair, pair_hash, pairs_fingerprint
 from bayesrm.integrity import (
@@ -45,9 +45,9 @@ from bayesrm.integrity import (
     verify_checksums,
 )
 from bayesrm.io import atomic_dir, json_text
+from bayesrm.losses import bt_ggn_weight, pair_nll
 from bayesrm.model import RewardModel
 from bayesrm.run import POSTERIOR_META, RunDir
-from bayesrm.templates import collate, length_sorted_batches
 
 HEAD_KEY = "head"  # block name of the head-only posterior over head.weight
 
@@ -210,29 +210,6 @@ def head_prior_mean(model: RewardModel, cfg: LaplaceConfig) -> torch.Tensor:
     if cfg.prior_mean == "init" and init is not None:
         return init.detach().double().cpu().reshape(theta.shape)
     return torch.zeros_like(theta, dtype=torch.double, device="cpu")
-
-
-def bt_ggn_weight(delta: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """GGN weight of the BT likelihood Λ = p(1 − p) with p = σ(Δ − m) (Bradley & Terry 1952; §2)."""
-    p = torch.sigmoid(delta - margin)
-    return p * (1.0 - p)
-
-
-def bt_log_lik(rw: torch.Tensor, rl: torch.Tensor, margin: float = 0.0, center_coef: float = 0.0) -> torch.Tensor:
-    """Per-pair log-likelihood the MAP maximised: log σ(Δ − m) − c (r_w + r_l)² (Eisenstein et al. 2023 centering)."""
-    out = F.logsigmoid(rw - rl - margin)
-    return out - center_coef * (rw + rl).square() if center_coef else out
-
-
-def _pair_batches(model: RewardModel, pairs: Sequence[Pair], batch_size: int
-                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(B, input_ids, mask) per chunk of B pairs: rows 0..B−1 chosen, B..2B−1 rejected, on the model's device."""
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        prompts = [p.prompt for p in chunk]
-        ids = model.encode(prompts, [p.chosen for p in chunk]) + model.encode(prompts, [p.rejected for p in chunk])
-        x, m = collate(ids, model.pad_id)  # (2B, T)
-        yield len(chunk), x.to(model.device), m.to(model.device)
 
 
 # --------------------------------------------------------------------------- posterior
@@ -404,9 +381,8 @@ class LaplacePosterior:
         """`predict` on already tokenised inputs (e.g. shared by the members of an ensemble)."""
         model.eval()
         mean, var = torch.empty(len(ids), dtype=torch.double), torch.empty(len(ids), dtype=torch.double)
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], model.pad_id)
-            r, J = self.jacobians(model, x.to(model.device), m.to(model.device))
+        for idx, x, m in scoring_batches(ids, batch_size, model.pad_id, model.device):
+            r, J = self.jacobians(model, x, m)
             v, _ = self._variance_from(J, None)
             mean[idx], var[idx] = r.double().cpu(), v.double().cpu()
             if progress is not None:
@@ -419,7 +395,7 @@ class LaplacePosterior:
         model.eval()
         mus: list[torch.Tensor] = []
         Ss: dict[str, list[torch.Tensor]] = {k: [] for k in self.blocks}
-        for B, x, m in _pair_batches(model, pairs, batch_size):
+        for B, x, m in pair_batches(model, pairs, batch_size):
             r, J = self.jacobians(model, x, m)
             rows = torch.stack([torch.arange(B), torch.arange(B, 2 * B)])
             _, S = self._variance_from(J, rows)
@@ -574,14 +550,14 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
     A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double) for k, m in modules.items()}
     norm = dict.fromkeys(modules, 0.0)  # what A is divided by: rows, tokens, or Σ ‖J̃‖² (PAIR)
     log_lik = 0.0
-    for B, x, m in _pair_batches(model, pairs, batch_size):
+    for B, x, m in pair_batches(model, pairs, batch_size):
 
         def weights(r: torch.Tensor, B: int = B) -> torch.Tensor:
             lam = bt_ggn_weight(r[:B] - r[B:], margin)
             return torch.cat([lam.sqrt(), -lam.sqrt()])
 
         r, a, g = _batch_jacobians(model, modules, x, m, None if var is KFACVariant.PAIR else weights)
-        log_lik += float(bt_log_lik(r[:B], r[B:], margin, center_coef).double().sum())
+        log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         mask = m.double()  # (2B, T)
         if var is KFACVariant.PAIR:
             lam = bt_ggn_weight(r[:B] - r[B:], margin).double().sqrt()[:, None, None]  # (B, 1, 1)
@@ -620,7 +596,7 @@ def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
     model.eval()
     ggn: torch.Tensor | None = None
     log_lik = 0.0
-    for B, x, m in _pair_batches(model, pairs, batch_size):
+    for B, x, m in pair_batches(model, pairs, batch_size):
         r, phi = head_features(model, x, m)  # (2B,), (2B, d)
         lam = bt_ggn_weight(r[:B] - r[B:], margin).double()  # (B,)
         dphi = (phi[:B] - phi[B:]).double()  # (B, d)
@@ -629,7 +605,7 @@ def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
             sphi = (phi[:B] + phi[B:]).double()
             part = part + 2.0 * center_coef * sphi.T @ sphi
         ggn = part.cpu() if ggn is None else ggn + part.cpu()
-        log_lik += float(bt_log_lik(r[:B], r[B:], margin, center_coef).double().sum())
+        log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         if progress is not None:
             progress(B)
     assert ggn is not None

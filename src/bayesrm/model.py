@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesrm.batching import scoring_batches
 from bayesrm.data import DataError
 from bayesrm.heads import Head, build_head
 from bayesrm.integrity import (
@@ -25,7 +26,7 @@ from bayesrm.integrity import (
 )
 from bayesrm.io import atomic_dir, json_text
 from bayesrm.run import CONFIG_NAME, find_model_dir
-from bayesrm.templates import ResponseKeep, Template, collate, encode, length_sorted_batches
+from bayesrm.templates import ResponseKeep, Template, encode
 
 EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
@@ -247,17 +248,8 @@ class RewardModel(nn.Module):
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
               progress: Any = None) -> torch.Tensor:
         """MAP rewards (N,) in input order, batched by similar length; eval mode."""
-        was_training = self.training
-        self.eval()
-        ids = self.encode(prompts, responses)
-        out = torch.empty(len(ids))
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)
-            out[idx] = self(x.to(self.device), m.to(self.device)).float().cpu()
-            if progress is not None:
-                progress(len(idx))
-        self.train(was_training)
-        return out
+        r = self.per_response(prompts, responses, lambda f: self.head(f, "mean").unsqueeze(-1), batch_size, progress)
+        return r[:, 0].float() if r.numel() else torch.empty(0)
 
     @torch.no_grad()
     def per_response(self, prompts: Sequence[str], responses: Sequence[str], fn: Any, batch_size: int = 32,
@@ -267,9 +259,8 @@ class RewardModel(nn.Module):
         self.eval()
         ids = self.encode(prompts, responses)
         out: torch.Tensor | None = None
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)
-            y = fn(self.features(x.to(self.device), m.to(self.device))).double().cpu()  # (B, m)
+        for idx, x, m in scoring_batches(ids, batch_size, self.pad_id, self.device):
+            y = fn(self.features(x, m)).double().cpu()  # (B, m)
             out = torch.empty(len(ids), y.shape[1], dtype=torch.double) if out is None else out
             out[idx] = y
             if progress is not None:

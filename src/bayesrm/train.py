@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
+from bayesrm.batching import encode_pairs, pair_rows
 from bayesrm.config import TrainConfig
 from bayesrm.data import Pair
 from bayesrm.integrity import CHECKSUMS_KEY, load_tensors, require_finite, tensor_checksums, verify_checksums
 from bayesrm.io import atomic_dir, atomic_write_json, json_text, write_jsonl
-from bayesrm.losses import bradley_terry_loss, centering_penalty
+from bayesrm.losses import pair_nll
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import RewardModel
 from bayesrm.run import CHECKPOINT_DIR, MODEL_DIR
-from bayesrm.templates import collate
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -44,17 +44,11 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
-def encode_pairs(model: RewardModel, pairs: Sequence[Pair]) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of chosen and rejected responses."""
-    prompts = [p.prompt for p in pairs]
-    return (model.encode(prompts, [p.chosen for p in pairs]), model.encode(prompts, [p.rejected for p in pairs]))
-
-
 def pair_forward(model: torch.nn.Module, chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],
                  pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected in one forward over 2B rows (chosen first)."""
-    x, m = collate(list(chosen) + list(rejected), pad_id)  # (2B, T)
-    r = model(x.to(device), m.to(device)).float()  # (2B,)
+    x, m = pair_rows(chosen, rejected, pad_id, device)  # (2B, T)
+    r = model(x, m).float()  # (2B,)
     return r[: len(chosen)], r[len(chosen):]
 
 
@@ -139,11 +133,8 @@ def bf16_is_native(device: torch.device) -> bool:
 
 
 def pair_loss(rw: torch.Tensor, rl: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Per-pair training loss: BT NLL with margin, plus the optional centering term (Eisenstein et al. 2023)."""
-    loss = bradley_terry_loss(rw, rl, cfg.margin)  # (B,)
-    if cfg.center_coef:
-        loss = loss + cfg.center_coef * centering_penalty(rw, rl)
-    return loss
+    """Per-pair training loss (B,): `losses.pair_nll` with the run's margin and centering weight."""
+    return pair_nll(rw, rl, cfg.margin, cfg.center_coef)
 
 
 @dataclass
