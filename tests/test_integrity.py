@@ -373,3 +373,13 @@ def test_directory_and_fifo_inputs(tmp_path: Path) -> None:
     _one_line_error(_train(fifo, tmp_path), fifo, "not a regular file")
     with pytest.raises(DataError, match="file not found"):
         load_pairs(tmp_path / "nope.jsonl")
+
+
+def test_score_input_null_and_missing_fields(run: Path) -> None:
+    f = run / "rows.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n" + json.dumps({"prompt": "p", "response": None})
+                 + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    args = ["score", run / "run", f, "--out", run / "o.jsonl", "--spec", "map"]
+    _one_line_error(args, f"{f}:2:", "field 'response'", "is null")
+    f.write_text(json.dumps({"prompt": "p"}) + "\n")
+    _one_line_error(args, f"{f}:1:", "field 'response'", "missing")

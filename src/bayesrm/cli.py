@@ -294,8 +294,10 @@ def _score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[
     """Rows of a `score` input, each checked to hold text in the prompt and response fields."""
     for line, row in iter_rows(input):
         for f in (prompt_field, response_field):
-            if not isinstance(row.get(f), str):
-                raise DataError("missing or not text", file=input, line=line, field=f)
+            v = row.get(f)
+            if not isinstance(v, str):
+                what = "missing" if f not in row else "is null" if v is None else f"not text ({type(v).__name__})"
+                raise DataError(what, file=input, line=line, field=f)
         yield row
 
 

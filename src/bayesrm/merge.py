@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from bayesrm.data import DataError
 from bayesrm.integrity import load_tensors, verify_checksums
 from bayesrm.io import json_text
 from bayesrm.model import (
@@ -401,7 +402,10 @@ def read_member(path: str | Path) -> Member:
     p = find_model_dir(path)
     cfg, meta = read_config(p)
     verify_checksums(p, meta, p / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
-    peft_cfg = json.loads((p / "adapter_config.json").read_text())
+    try:
+        peft_cfg = json.loads((p / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable ({e})", file=str(p / "adapter_config.json")) from None
     if peft_cfg.get("rank_pattern") or peft_cfg.get("alpha_pattern") or peft_cfg.get("use_dora"):
         raise ValueError(f"{p}: rank/alpha patterns and DoRA are not supported by merge")
     r, alpha = int(peft_cfg["r"]), float(peft_cfg["lora_alpha"])
