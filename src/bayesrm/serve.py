@@ -209,11 +209,11 @@ class MicroBatcher:
 
     def __init__(self, score_fn: Callable[[list[str], list[str]], Rows], max_responses: int, max_wait_s: float,
                  metrics: Metrics | None = None, chunk: int | None = None, max_queue_s: float = math.inf,
-                 timeout_s: float = math.inf, retry_after_s: int = 5, poll_s: float = 0.05) -> None:
+                 timeout_s: float = math.inf, retry_after_s: int = 5) -> None:
         self.score_fn, self.max_responses, self.max_wait_s = score_fn, max(1, max_responses), max(0.0, max_wait_s)
         self.metrics = metrics or Metrics()
         self.chunk, self.max_queue_s, self.timeout_s = chunk, max_queue_s, timeout_s
-        self.retry_after, self.poll_s = {"Retry-After": str(retry_after_s)}, poll_s
+        self.retry_after = {"Retry-After": str(retry_after_s)}
         self._jobs: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self._closing = False
@@ -228,8 +228,11 @@ class MicroBatcher:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def submit(self, prompt: str, responses: list[str],
-                     disconnected: Callable[[], Awaitable[bool]] | None = None) -> Rows:
-        """Queue one request; return its rows once scored (Rejected 503/504 past the limits, ClientGone)."""
+                     disconnected: Callable[[], Awaitable[None]] | None = None) -> Rows:
+        """Queue one request; return its rows once scored (Rejected 503/504 past the limits, ClientGone).
+
+        `disconnected()` is awaited alongside: its return means the client has gone.
+        """
         if self._closing:
             raise Rejected(503, "server is shutting down")
         loop = asyncio.get_running_loop()
@@ -237,20 +240,26 @@ class MicroBatcher:
         self._jobs.append(job)
         self._wake.set()
         t0 = loop.time()
+        watch = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
             while True:
-                done, _ = await asyncio.wait({job.future}, timeout=self.poll_s)
-                if done:
+                limit = self.timeout_s if job.started else min(self.max_queue_s, self.timeout_s)
+                left = t0 + limit - loop.time()
+                done, _ = await asyncio.wait({job.future} | ({watch} if watch else set()),
+                                             timeout=max(left, 0.0) if math.isfinite(left) else None,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if job.future in done:
                     return job.future.result()
-                waited = loop.time() - t0
-                if not job.started and waited > self.max_queue_s:
+                if watch is not None and watch in done:
+                    raise ClientGone
+                if loop.time() - t0 >= self.timeout_s:
+                    raise Rejected(504, f"not scored within {self.timeout_s:g} s; retry later", self.retry_after)
+                if not job.started and loop.time() - t0 >= self.max_queue_s:
                     raise Rejected(503, f"server busy: scoring did not start within {self.max_queue_s:g} s; retry "
                                         "later", self.retry_after)
-                if waited > self.timeout_s:
-                    raise Rejected(504, f"not scored within {self.timeout_s:g} s; retry later", self.retry_after)
-                if disconnected is not None and await disconnected():
-                    raise ClientGone
         finally:
+            if watch is not None:
+                watch.cancel()
             if not job.future.done():  # abandoned: never scored if still queued, skipped by later chunks otherwise
                 job.future.cancel()
 
@@ -356,6 +365,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def _disconnect(request: Request) -> None:
+    """Return once the client has gone: after the body, the ASGI server's next message is http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _api_key(env: str | None) -> bytes | None:
     if env is None:
         return None
@@ -430,7 +445,7 @@ def create_app(scorer: Any, cfg: ServeConfig | None = None) -> FastAPI:
     async def _answer(request: Request) -> tuple[int, dict[str, Any], dict[str, str] | None]:
         try:
             req = await _checked(request)
-            rows = await request.app.state.batcher.submit(req.prompt, req.responses, request.is_disconnected)
+            rows = await request.app.state.batcher.submit(req.prompt, req.responses, lambda: _disconnect(request))
         except Rejected as e:
             return e.status, {"detail": e.detail}, e.headers
         except ClientGone:
