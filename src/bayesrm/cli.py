@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -290,109 +290,6 @@ def eval_cmd(
     print(json_text(row, "<stdout>"))
 
 
-def _score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[dict[str, Any]]:
-    """Rows of a `score` input, each checked to hold text in the prompt and response fields."""
-    for line, row in iter_rows(input):
-        for f in (prompt_field, response_field):
-            v = row.get(f)
-            if not isinstance(v, str):
-                what = "missing" if f not in row else "is null" if v is None else f"not text ({type(v).__name__})"
-                raise DataError(what, file=input, line=line, field=f)
-        yield row
-
-
-def _add_scores(scorer: Any, rows: list[dict[str, Any]], fields: tuple[str, str],
-                progress: Callable[[int], None] | None = None) -> None:
-    """Add `reward` to each row and, for uncertainty specs, reward_std, reward_var, reward_penalized and penalty."""
-    if not rows:
-        return
-    scores = scorer.score([r[fields[0]] for r in rows], [r[fields[1]] for r in rows], progress=progress)
-    for r, s in zip(rows, scores.rows(), strict=True):
-        r["reward"] = s["reward"]
-        if scorer.spec.family.value != "map":
-            std = s["std"]
-            if std is not None:
-                r |= {"reward_std": std, "reward_var": std**2}
-            r |= {"reward_penalized": s["selection"], "penalty": str(scorer.spec)}
-
-
-def _score_device(device: str, index: int) -> str | None:
-    """`--device auto`: GPU index mod #GPUs when CUDA is available, else None (CPU); anything else as given."""
-    import torch
-
-    if device != "auto":
-        return device
-    return f"cuda:{index % torch.cuda.device_count()}" if torch.cuda.is_available() else None
-
-
-def _score_shard(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], index: int, num: int,
-                 batch_size: int, device: str | None) -> None:
-    """Score rows of shard `index` of `num` into its shard file (skipped if that file exists)."""
-    import itertools
-    import time
-
-    from bayesrm import shard as sh
-    from bayesrm.scoring import Scorer
-
-    total = sum(1 for _ in _score_rows(input, *fields))
-    sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num))
-    if sh.shard_path(out, index, num).exists():
-        console.print(f"shard {index}/{num} already done")
-        return
-    span, t0 = sh.shard_range(total, index, num), time.perf_counter()
-    rows = list(itertools.islice(_score_rows(input, *fields), span.start, span.stop))
-    _add_scores(Scorer.load(model_dir, spec, device=device, batch_size=batch_size), rows, fields)
-    sh.write_shard(out, index, num, rows)
-    console.print(f"shard {index}/{num}: {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
-
-
-def _score_parallel(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], num: int,
-                    batch_size: int, threads: int | None, device: str) -> None:
-    """Score `num` shards in `num` processes, then merge in input order.
-
-    This process scores the first unfinished shard itself and starts `bayesrm score --shard i/num` for the others.
-    """
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    import torch
-
-    from bayesrm import shard as sh
-
-    total = sum(1 for _ in _score_rows(input, *fields))  # every row is checked before any worker starts
-    if sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num), discard=True):
-        console.print(f"discarded shards of a different earlier run in {sh.shard_dir(out)}")
-    todo = sh.pending_shards(out, num)
-    if len(todo) < num:
-        console.print(f"{num - len(todo)} of {num} shards already done")
-    t = threads or sh.threads_per_process(max(len(todo), 1))
-    env = os.environ | {"OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t), "RAYON_NUM_THREADS": str(t)}
-    base = [sys.executable, "-m", "bayesrm", "score", str(model_dir), input, "--out", str(out), "--spec", spec,
-            "--batch-size", str(batch_size), "--prompt-field", fields[0], "--response-field", fields[1],
-            "--threads", str(t)]
-    procs = {i: subprocess.Popen([*base, "--shard", f"{i}/{num}", "--device", _score_device(device, i) or "cpu"],
-                                 env=env) for i in todo[1:]}
-    try:
-        if todo:
-            torch.set_num_threads(t)
-            _score_shard(model_dir, input, out, spec, fields, todo[0], num, batch_size, _score_device(device, todo[0]))
-        codes = {i: p.wait() for i, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
-    failed = {i: c for i, c in codes.items() if c != 0}
-    if failed:
-        raise ValueError(f"shards {sorted(failed)} of {num} failed (exit codes {sorted(set(failed.values()))}); "
-                         "rerun the same command to redo only unfinished shards")
-    rows = sh.merge_shards(out, num, total)
-    shutil.rmtree(sh.shard_dir(out))
-    console.print(f"wrote {rows} scored rows to {out} ({num} shards)")
-
-
 @app.command("score")
 @_friendly
 def score_cmd(
@@ -420,8 +317,6 @@ def score_cmd(
 
     Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) each rank scores its shard and rank 0 merges.
     """
-    import shutil
-
     import torch
 
     from bayesrm import shard as sh
@@ -441,22 +336,17 @@ def score_cmd(
     ranked = sh.launcher_rank() if shard is None and num_processes == 1 else None
     if shard is not None:
         i, n = sh.parse_shard(shard)
-        _score_shard(model_dir, input, out, spec, fields, i, n, batch_size, _score_device(device, i))
+        sh.score_shard(model_dir, input, out, spec, fields, i, n, batch_size, sh.score_device(device, i), console.print)
     elif ranked is not None:
-        rank, world, local = ranked
-        _score_shard(model_dir, input, out, spec, fields, rank, world, batch_size, _score_device(device, local))
-        if rank == 0:
-            sh.wait_for_shards(out, world)
-            merged = sh.merge_shards(out, world)
-            shutil.rmtree(sh.shard_dir(out))
-            console.print(f"wrote {merged} scored rows to {out} ({world} ranks)")
+        sh.score_ranked(model_dir, input, out, spec, fields, *ranked, batch_size, device, console.print)
     elif num_processes > 1:
-        _score_parallel(model_dir, input, out, spec, fields, num_processes, batch_size, threads, device)
+        sh.score_parallel(model_dir, input, out, spec, fields, num_processes, batch_size, threads, device,
+                          console.print)
     else:
-        rows = list(_score_rows(input, *fields))
-        scorer = Scorer.load(model_dir, spec, device=_score_device(device, 0), batch_size=batch_size)
+        rows = list(sh.score_rows(input, *fields))
+        scorer = Scorer.load(model_dir, spec, device=sh.score_device(device, 0), batch_size=batch_size)
         with progress_bar("scoring", len(rows), console) as advance:
-            _add_scores(scorer, rows, fields, advance)
+            sh.add_scores(scorer, rows, fields, advance)
         write_jsonl(out, rows)
         console.print(f"wrote {len(rows)} scored rows to {out}")
 
@@ -479,7 +369,9 @@ def standardize_cmd(
     if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):  # pairs: both sides
         prompts, responses = reference_responses(_load(reference, DataFormat.AUTO.value, None, False), limit)
     else:
-        checked = list(_score_rows(reference, prompt_field, response_field))[:limit]
+        from bayesrm.shard import score_rows
+
+        checked = list(score_rows(reference, prompt_field, response_field))[:limit]
         prompts, responses = [r[prompt_field] for r in checked], [r[response_field] for r in checked]
     mean, std = fit_standardization(ensemble_dir, prompts, responses, source=f"{reference} ({len(responses)})",
                                     batch_size=batch_size)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +12,9 @@ import torch
 from torch import nn
 
 from bayesrm.batching import scoring_batches
+from bayesrm.config import EMBEDDED_BACKBONE, Pooling, RMConfig
 from bayesrm.data import DataError
-from bayesrm.heads import Head, build_head
+from bayesrm.heads import build_head
 from bayesrm.integrity import (
     CHECKSUMS_KEY,
     load_tensors,
@@ -26,81 +25,14 @@ from bayesrm.integrity import (
 )
 from bayesrm.io import atomic_dir, json_text
 from bayesrm.run import CONFIG_NAME, find_model_dir
-from bayesrm.templates import ResponseKeep, Template, encode
+from bayesrm.templates import ResponseKeep, encode
 
-EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
                  "albert", "modernbert", "camembert"}
 HEAD_NAME = "head.safetensors"
 INIT_NAME = "lora_init.safetensors"
 ADAPTER_NAME = "adapter_model.safetensors"  # peft's file name
-_META_KEYS = {"format_version", CHECKSUMS_KEY}  # bayesrm.json keys that are not RMConfig fields
-
-
-class Pooling(str, Enum):
-    """Which hidden state the scalar head reads."""
-
-    AUTO = "auto"  # LAST for decoders, FIRST for encoders
-    LAST = "last"  # last non-pad token (decoders)
-    FIRST = "first"  # first token, e.g. [CLS] (encoders)
-    MEAN = "mean"  # mean over non-pad tokens
-
-
-_LEGACY_TRUNCATION: dict[str, Any] = {"prompt_budget": 0.0, "response_keep": "end"}  # saved before these fields
-_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
-
-
-@dataclass
-class RMConfig:
-    """Everything needed to rebuild a reward model and format its inputs."""
-
-    backbone: str = EMBEDDED_BACKBONE  # hub id, local path, or the embedded all-MiniLM-L6-v2
-    template: str = Template.OASST.value  # prompt template (oasst | chat | plain)
-    max_length: int = 500  # tokens, including the prompt and special tokens
-    prompt_budget: float = 0.25  # share of max_length kept for the end of the prompt when a pair is too long
-    response_keep: str = ResponseKeep.AUTO.value  # auto | end | start: which end of a long response survives
-    pooling: str = Pooling.AUTO.value  # where the reward is read
-    lora_r: int = 8  # paper: r=8
-    lora_alpha: int = 16  # paper: α=16
-    lora_dropout: float = 0.0  # paper: 0
-    target_modules: list[str] | None = None  # None: peft's default for the architecture
-    lora_seed: int = 0  # seeds LoRA A init and the head init
-    gguf_file: str | None = None  # load a GGUF checkpoint inside `backbone` (a folder or hub repo)
-    dtype: str = "float32"  # backbone weights dtype (float32 | bfloat16 | float16)
-    disable_dropout: bool = True  # zero the backbone's dropout (as TRL's RewardConfig does); LoRA dropout is separate
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (data, seeds, …)
-    head: str = Head.LINEAR.value  # linear | bnrm
-    bnrm: dict[str, Any] | None = None  # BNRMConfig fields for head="bnrm" (None: its defaults)
-    freeze_backbone: bool = False  # train the head only: the LoRA adapter stays at its no-op init (B = 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
-        return {k: v for k, v in asdict(self).items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
-
-    def __post_init__(self) -> None:
-        if self.head == Head.BNRM.value:  # saved in full, so a loaded model rebuilds the same head
-            from bayesrm.bnrm import BNRMConfig
-
-            self.bnrm = asdict(BNRMConfig.from_dict(self.bnrm or {}))
-        if not 0.0 <= self.prompt_budget < 1.0:
-            raise ValueError(f"prompt_budget must be in [0, 1), got {self.prompt_budget}")
-        for name, enum in (("response_keep", ResponseKeep), ("pooling", Pooling), ("head", Head),
-                           ("template", Template)):
-            try:
-                setattr(self, name, enum(getattr(self, name)).value)
-            except ValueError:
-                raise ValueError(f"{name} must be one of {[e.value for e in enum]}, "
-                                 f"got {getattr(self, name)!r}") from None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - _META_KEYS
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        d = _LEGACY_TRUNCATION | d  # saved before prompt-aware truncation: keep scoring them as they were trained
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def resolve_backbone(name: str) -> str:
