@@ -241,6 +241,7 @@ def _posterior_for(post: LaplacePosterior, adapter: str) -> LaplacePosterior:
     out = LaplacePosterior(blocks, post.cfg, post.n_data, post.log_lik)
     out.tau = {_rename_adapter(k, adapter): t for k, t in post.tau.items()}
     out.head, out.source = post.head, post.source
+    out.fitted_pairs, out.data_fingerprint = post.fitted_pairs, post.data_fingerprint
     return out
 
 
