@@ -44,18 +44,18 @@ import torch
 from torch import nn
 
 from bayesrm import dist
+from bayesrm.batching import collate, pair_batches
 from bayesrm.data import Pair, load_pairs
 from bayesrm.laplace import (
     LaplaceConfig,
     LaplacePosterior,
     _batch_jacobians,
-    _pair_batches,
     fit_laplace,
     kfac_factors,
     lora_modules,
 )
 from bayesrm.model import RewardModel, RMConfig
-from bayesrm.templates import collate, encode
+from bayesrm.templates import encode
 from bayesrm.train import TrainConfig, train
 
 DATA = "/work/shared/data/alpaca_eval/annotations.jsonl.gz"
@@ -231,7 +231,7 @@ def fit_phases(model: RewardModel, fit: Sequence[Pair], bs: int, reps: int) -> d
     modules = lora_modules(model)
 
     def fwd_bwd() -> None:
-        for _, x, m in _pair_batches(model, fit, bs):
+        for _, x, m in pair_batches(model, fit, bs):
             _batch_jacobians(model, modules, x, m, torch.ones_like)
 
     _, t_fb = timed(fwd_bwd, reps)
