@@ -417,6 +417,16 @@ def save_pairs(pairs: Iterable[Pair], path: str | Path) -> None:
     atomic_write_text(path, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in pairs))
 
 
+def pairs_fingerprint(pairs: Sequence[Pair]) -> str:
+    """SHA-256 of the (prompt, chosen, rejected) texts, so a resumed ensemble trains on the same data."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for s in (p.prompt, p.chosen, p.rejected):
+            h.update(s.encode("utf-8"))
+            h.update(b"\x00")
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- splits
 
 

@@ -8,7 +8,6 @@ named `member_i` and M scalar heads, and scores all members on shared tokenisati
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesrm.data import Pair
+from bayesrm.data import Pair, pairs_fingerprint
 from bayesrm.io import atomic_write_json
 from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
 from bayesrm.model import (
@@ -55,16 +54,6 @@ def member_name(i: int) -> str:
 
 
 # --------------------------------------------------------------------------- training
-
-
-def pairs_fingerprint(pairs: Sequence[Pair]) -> str:
-    """SHA-256 of the (prompt, chosen, rejected) texts, so a resumed ensemble trains on the same data."""
-    h = hashlib.sha256()
-    for p in pairs:
-        for s in (p.prompt, p.chosen, p.rejected):
-            h.update(s.encode("utf-8"))
-            h.update(b"\x00")
-    return h.hexdigest()
 
 
 def _seeds(given: Sequence[int] | None, start: int, members: int, what: str) -> list[int]:

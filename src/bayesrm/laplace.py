@@ -32,6 +32,7 @@ from torch import nn
 
 from bayesrm.data import Pair
 from bayesrm.io import atomic_dir
+from bayesrm.losses import bt_ggn_weight, dense_ggn
 from bayesrm.model import RewardModel
 from bayesrm.templates import collate, length_sorted_batches
 
@@ -393,6 +394,10 @@ class LaplacePosterior:
         assert total is not None
         return total, S_all
 
+    def jacobian_variance(self, Js: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Var = J Σ Jᵀ per row from Jacobians per block, (B, o, i) each (§7), and the τ-independent grids S."""
+        return self._variance_from(Js, None)
+
     def predict(self, model: RewardModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Linearised predictive N(r_MAP, J Σ Jᵀ) per response (§7): (mean (N,), var (N,)) in input order."""
@@ -516,7 +521,7 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
 
         def weights(r: torch.Tensor, B: int = B) -> torch.Tensor:
             delta = r[:B] - r[B:]
-            lam = torch.sigmoid(delta) * torch.sigmoid(-delta)  # Λ = p(1−p)
+            lam = bt_ggn_weight(delta)  # Λ = p(1−p)
             return torch.cat([lam.sqrt(), -lam.sqrt()])
 
         r, a, g = _batch_jacobians(model, modules, x, m, weights)
@@ -557,9 +562,8 @@ def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
     for B, x, m in _pair_batches(model, pairs, batch_size):
         r, phi = head_features(model, x, m)  # (2B,), (2B, d+1)
         delta = r[:B] - r[B:]
-        lam = (torch.sigmoid(delta) * torch.sigmoid(-delta)).double()  # Λ = p(1−p)
         dphi = (phi[:B] - phi[B:]).double()  # (B, d+1); the bias cancels
-        part = (dphi.T * lam) @ dphi  # (d+1, d+1)
+        part = dense_ggn(dphi, delta.double())  # (d+1, d+1)
         ggn = part.cpu() if ggn is None else ggn + part.cpu()
         log_lik += float(F.logsigmoid(delta).double().sum())
         if progress is not None:
