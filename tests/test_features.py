@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import toy_pairs
 
 from bayesrm.features import pair_features
 from bayesrm.model import RewardModel
-from conftest import toy_pairs
 
 
 def _model(tiny_cfg, **kw):  # type: ignore[no-untyped-def]
