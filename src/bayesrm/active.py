@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from enum import Enum
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from bayesrm.data import Pair
 
 
 class SelectBy(str, Enum):
@@ -73,3 +77,31 @@ def select_top(mu: torch.Tensor, var: torch.Tensor, k: int, by: SelectBy | str, 
     s = acquisition_scores(mu, var, by, seed)
     order = sorted(range(len(s)), key=lambda i: (-float(s[i]), i))
     return order[:k]
+
+
+def pair_moments(path: str | Path, pairs: Sequence[Pair], cache_dir: str | Path | None = None,
+                 batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ_Δ, Var Δ) of each pair under a saved model: fast heads (cached features; Laplace or ensemble spread), a
+    model with a Laplace posterior (joint J_Δ Σ J_Δᵀ), or a BNRM model (its variational pair moments)."""
+    from bayesrm.ensemble import find_posterior
+    from bayesrm.features import pair_features
+    from bayesrm.heads import is_heads_dir, load_heads, predict_pairs
+    from bayesrm.laplace import LaplacePosterior
+    from bayesrm.model import RewardModel, RMConfig
+
+    if is_heads_dir(path):
+        stack, meta, post = load_heads(path)
+        model = RewardModel(RMConfig.from_dict(meta["model"]))
+        feats = pair_features(model, pairs, cache_dir, batch_size)
+        return predict_pairs(stack, feats, post, meta["laplace_params"])
+    model = RewardModel.load(path)
+    if model.config.head == "bnrm":
+        return model.predict_pair_moments([p.prompt for p in pairs], [p.chosen for p in pairs],
+                                          [p.rejected for p in pairs], batch_size)
+    found = find_posterior(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no Laplace posterior to rank by; run `bayesrm laplace {path}` or train "
+                                "fast heads (`bayesrm heads`)")
+    post = LaplacePosterior.load(found)
+    post.check_matches(model)
+    return post.predict_pairs(model, pairs, batch_size)

@@ -602,6 +602,9 @@ def rlhf_cmd(
     console.print(f"results: {out / 'results.json'}, plot: {out / 'rlhf.png'} ({done})")
 
 
+import bayesrm.cli_fast  # noqa: E402, F401 - registers `heads` and `select` on `app`
+
+
 def main() -> None:  # pragma: no cover
     app()
 
