@@ -46,7 +46,7 @@ def test_heads_then_select(tiny_dir: dict[str, str], tmp_path: Path) -> None:
     res = runner.invoke(app, ["heads", str(data), "--out", str(tmp_path / "ens"), "--members", "4", "--kind", "mlp",
                               "--hidden", "8", "--epochs", "5", "--no-laplace", *common])
     assert res.exit_code == 0, res.output
-    mu_e, var_e = pair_moments(tmp_path / "ens", pairs, cache)
+    _, var_e = pair_moments(tmp_path / "ens", pairs, cache)
     assert float(var_e.min()) > 0
     res = runner.invoke(app, ["heads", str(data), "--out", str(tmp_path / "x"), "--members", "2", *common])
     assert res.exit_code == 2 and "no-laplace" in res.output
