@@ -26,6 +26,7 @@ once); the machine is shared, so CPU seconds are the steadier number.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -71,12 +72,12 @@ def ours(train: PairFeatures, test: PairFeatures) -> list[dict[str, Any]]:
              ("ensemble M=20 MLP 128", HeadConfig(kind="mlp", hidden=128, members=20, epochs=10), False),
              ("ensemble M=20 MLP 128", HeadConfig(kind="mlp", hidden=128, members=20, epochs=50), False)]
     for name, cfg, laplace in specs:
-        stack, wall, cpu = timed(lambda cfg=cfg: train_heads(train, cfg))
+        stack, wall, cpu = timed(functools.partial(train_heads, train, cfg))
         mu, var = predict_pairs(stack, test)
         rows.append({"method": f"bayesrm {name}", "epochs": cfg.epochs, "wall_s": wall, "cpu_s": cpu}
                     | metrics(mu, var if cfg.members > 1 else None))
         if laplace:
-            post, lw, lc = timed(lambda stack=stack: fit_head_laplace(stack, train))
+            post, lw, lc = timed(functools.partial(fit_head_laplace, stack, train))
             mu, var = predict_pairs(stack, test, post)
             rows.append({"method": f"bayesrm {name} + head Laplace (last layer, marglik τ)", "epochs": cfg.epochs,
                          "wall_s": wall + lw, "cpu_s": cpu + lc, "laplace_s": lw, "tau": post.tau["head"]}
