@@ -57,3 +57,18 @@ def test_select_needs_uncertainty(tiny_cfg, tmp_path: Path) -> None:  # type: ig
     save_pairs(toy_pairs(4), tmp_path / "pool.jsonl")
     res = runner.invoke(app, ["select", str(tmp_path / "m"), str(tmp_path / "pool.jsonl"), "--k", "2"])
     assert res.exit_code == 2 and "no Laplace posterior" in " ".join(res.output.split())
+
+
+def test_train_freeze_backbone_uses_the_feature_cache(tiny_dir: dict[str, str], tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    save_pairs(toy_pairs(20), data)
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = ["train", str(data), "--out", str(out), "--backbone", tiny_dir["bert"], "--max-length", "64",
+            "--freeze-backbone", "--feature-cache", str(cache), "--epochs", "2", "--lr", "0.05"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "cached features" in res.output and len(list(cache.glob("*.safetensors"))) == 2  # train + eval split
+    res = runner.invoke(app, ["laplace", str(out), str(out / "data" / "train.jsonl"), "--subset", "head"])
+    assert res.exit_code == 0, res.output  # an ordinary model: the rest of the CLI takes it
+    res = runner.invoke(app, args)  # a rerun hits the cache
+    assert res.exit_code == 0 and res.output.count("cache hit") == 2, res.output

@@ -96,7 +96,11 @@ def train_cmd(
     head: Annotated[str, typer.Option(help="linear (BT scalar head) | bnrm (Bayesian non-negative head)")] = "linear",
     bnrm_k: Annotated[int, typer.Option(help="BNRM latent factors K")] = 1024,
     bnrm_eta: Annotated[float, typer.Option(help="BNRM KL weight η")] = 1e-5,
-    freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op)")] = False,
+    freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op); with the linear "
+                                                       "head this runs on cached features (--feature-cache)")] = False,
+    feature_cache: Annotated[Path | None, typer.Option(help="--freeze-backbone: where backbone features are cached "
+                                                            "(keyed by weights, template, data)")] = Path(
+        ".cache/features"),
     epochs: int = 1,
     lr: float = 2e-4,
     batch_size: int = 8,
@@ -141,7 +145,14 @@ def train_cmd(
     save_pairs(eval_pairs, out / "data" / "eval.jsonl")
     console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint); "
                   f"splits in {out / 'data'}")
-    history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
+    if freeze_backbone and head == "linear" and mixed_precision == "no":  # one backbone pass, then the head
+        from bayesrm.train import train_on_features
+
+        console.print("frozen backbone: training the head on cached features")
+        history = train_on_features(model, train_pairs, tc, out, eval_pairs=eval_pairs, cache_dir=feature_cache,
+                                    log=console.print)
+    else:
+        history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
     _print_metrics("final", history[-1])
     console.print(f"model saved to {out / 'model'}")
 
