@@ -35,7 +35,8 @@ from bayesrm.model import CONFIG_NAME, RewardModel, RMConfig
 from bayesrm.objectives import penalize_std, penalize_var
 from bayesrm.plots import plot_bon, plot_k_sweep
 from bayesrm.pool import Pool, load_pool
-from bayesrm.train import MODEL_DIR, TrainConfig, train
+from bayesrm.run import MODEL_DIR
+from bayesrm.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

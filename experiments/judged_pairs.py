@@ -22,8 +22,8 @@ def judged_split(n_pool: int, n_test: int, seed: int = 0, data: str = DATA) -> t
     """(pool, test): `n_pool` pairs from training prompts and one pair for each of `n_test` held-out prompts."""
     pairs = [p for p in load_pairs(data, skip_invalid=True) if p.meta.get("generator_2") not in NULL_MODELS]
     by_prompt: dict[str, list[Pair]] = defaultdict(list)
-    for p in pairs:
-        by_prompt[p.prompt].append(p)
+    for pair in pairs:
+        by_prompt[pair.prompt].append(pair)
     rng = random.Random(seed)
     prompts = sorted(by_prompt)
     rng.shuffle(prompts)

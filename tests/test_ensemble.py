@@ -14,10 +14,11 @@ from conftest import toy_pairs
 from safetensors.torch import load_file
 
 import bayesrm.ensemble as ens_mod
-from bayesrm.ensemble import MANIFEST_NAME, EnsembleRewardModel, train_ensemble
-from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
+from bayesrm.ensemble import EnsembleRewardModel, train_ensemble
+from bayesrm.laplace import LaplaceConfig, fit_laplace
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.objectives import parse_spec
+from bayesrm.run import MANIFEST_NAME, POSTERIOR_DIR
 from bayesrm.train import TrainConfig
 
 TC = TrainConfig(max_steps=3, batch_size=4, checkpoint_every=0)

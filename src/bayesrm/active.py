@@ -83,11 +83,11 @@ def pair_moments(path: str | Path, pairs: Sequence[Pair], cache_dir: str | Path 
                  batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ_Δ, Var Δ) of each pair under a saved model: fast heads (cached features; Laplace or ensemble spread), a
     model with a Laplace posterior (joint J_Δ Σ J_Δᵀ), or a BNRM model (its variational pair moments)."""
-    from bayesrm.ensemble import find_posterior
     from bayesrm.features import pair_features
     from bayesrm.heads import is_heads_dir, load_heads, predict_pairs
     from bayesrm.laplace import LaplacePosterior
     from bayesrm.model import RewardModel, RMConfig
+    from bayesrm.run import RunDir
 
     if is_heads_dir(path):
         stack, meta, post = load_heads(path)
@@ -98,10 +98,6 @@ def pair_moments(path: str | Path, pairs: Sequence[Pair], cache_dir: str | Path 
     if model.config.head == "bnrm":
         return model.predict_pair_moments([p.prompt for p in pairs], [p.chosen for p in pairs],
                                           [p.rejected for p in pairs], batch_size)
-    found = find_posterior(path)
-    if found is None:
-        raise FileNotFoundError(f"{path}: no Laplace posterior to rank by; run `bayesrm laplace {path}` or train "
-                                "fast heads (`bayesrm heads`)")
-    post = LaplacePosterior.load(found)
+    post = LaplacePosterior.load(RunDir.of(path).require_posterior())
     post.check_matches(model)
     return post.predict_pairs(model, pairs, batch_size)

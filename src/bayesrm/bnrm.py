@@ -245,10 +245,6 @@ class BNRMHead(nn.Module):
         """Factor activations E_q[θ] (B, K): how much each response loads on each factor."""
         return self.theta_params(features)[0]
 
-    def top_factors(self, n: int) -> torch.Tensor:
-        """Indices of the n factors with the largest E_q[Φ] (the paper's ranking, App. B)."""
-        return torch.argsort(F.relu(self.phi.detach()), descending=True)[:n]
-
 
 # --------------------------------------------------------------------------- interpretability
 

@@ -22,7 +22,6 @@ from bayesrm.io import atomic_path
 from bayesrm.model import RewardModel
 
 FORMAT_VERSION = 1
-TRUNCATION = "keep-response-end"  # templates.truncate: drop the prompt's start, then the response's start
 
 
 @dataclass
@@ -73,7 +72,7 @@ def feature_key(model: RewardModel, pairs: Sequence[Pair]) -> dict[str, Any]:
         "tokenizer": [type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok)],
         "template": cfg.template,
         "max_length": cfg.max_length,
-        "truncation": TRUNCATION,
+        "truncation": {"prompt_budget": cfg.prompt_budget, "response_keep": cfg.response_keep},  # with pooling
         "pooling": model.pooling.value,
         "n_pairs": len(pairs),
         "data_sha256": pairs_fingerprint(pairs),

@@ -18,14 +18,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesrm.config import LaplaceConfig, TauMethod
 from bayesrm.features import PairFeatures
 from bayesrm.io import atomic_dir
-from bayesrm.laplace import HEAD_KEY, KronBlock, LaplaceConfig, LaplacePosterior, TauMethod, factor_eig
-from bayesrm.losses import bradley_terry_loss, dense_ggn
+from bayesrm.laplace import HEAD_KEY, KronBlock, LaplacePosterior, bt_ggn_weight, factor_eig
+from bayesrm.losses import bradley_terry_loss
+from bayesrm.run import POSTERIOR_DIR
 
 HEADS_NAME = "heads.safetensors"
 HEADS_CONFIG = "heads.json"
 _DATA_SEED = 1_000_003  # member i shuffles with seed _DATA_SEED·(seed + i) + 1, apart from its init stream
+
+
+def dense_ggn(jac_delta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Exact BT GGN Σ_n Λ_n J_Δ,n J_Δ,nᵀ from pair Jacobians J_Δ = ∂(r_w − r_l)/∂θ (N, P) and Δ (N,), (P, P) (§2)."""
+    lam = bt_ggn_weight(delta).to(jac_delta.dtype)  # (N,) Λ = p(1 − p)
+    return (jac_delta.T * lam) @ jac_delta
 
 
 class HeadKind(str, Enum):
@@ -112,25 +120,23 @@ class HeadStack(nn.Module):
                                                                                       dtype=self.w.dtype))
 
     def flat_params(self, which: LaplaceParams | str = LaplaceParams.LAST) -> torch.Tensor:
-        """Member parameters as rows (M, P) in `pair_jacobian`'s order, with the BT-invisible bias 0 last."""
-        zero = self.w.new_zeros(self.cfg.members, 1)
+        """Member parameters as rows (M, P) in `pair_jacobian`'s order (no last-layer bias: BT cannot see it)."""
         if LaplaceParams(which) is LaplaceParams.LAST or not self.is_mlp:
-            return torch.cat([self.w, zero], 1).detach()
-        return torch.cat([self.W1.flatten(1), self.b1, self.w, zero], 1).detach()
+            return self.w.detach()
+        return torch.cat([self.W1.flatten(1), self.b1, self.w], 1).detach()
 
     def pair_jacobian(self, fw: torch.Tensor, fl: torch.Tensor, member: int = 0,
                       which: LaplaceParams | str = LaplaceParams.LAST) -> torch.Tensor:
-        """J_Δ = ∂(r_w − r_l)/∂θ of one member, (N, P), analytic; θ as in `flat_params` (bias column 0)."""
+        """J_Δ = ∂(r_w − r_l)/∂θ of one member, (N, P), analytic; θ as in `flat_params`."""
         with torch.no_grad():
             aw, al = self.last_inputs(fw)[member], self.last_inputs(fl)[member]  # (N, k)
-            zero = aw.new_zeros(aw.shape[0], 1)
             if LaplaceParams(which) is LaplaceParams.LAST or not self.is_mlp:
-                return torch.cat([aw - al, zero], 1)
+                return aw - al
             parts = []
             for f, a in ((fw, aw), (fl, al)):
                 g = self.w[member] * (a > 0).to(a.dtype)  # ∂r/∂b₁ = w₂ ⊙ relu'(z), (N, h)
                 parts.append(torch.cat([torch.einsum("nd,nh->ndh", f.to(a.dtype), g).flatten(1), g, a], 1))
-            return torch.cat([parts[0] - parts[1], zero], 1)
+            return parts[0] - parts[1]
 
 
 def train_heads(feats: PairFeatures, cfg: HeadConfig, log: Callable[[str], None] | None = None) -> HeadStack:
@@ -158,15 +164,19 @@ def train_heads(feats: PairFeatures, cfg: HeadConfig, log: Callable[[str], None]
 
 
 def fit_head_laplace(stack: HeadStack, feats: PairFeatures, cfg: LaplaceConfig | None = None, member: int = 0,
-                     which: LaplaceParams | str = LaplaceParams.LAST, max_params: int = 8192) -> LaplacePosterior:
-    """Laplace posterior of one member's head from the exact dense GGN Σ Λ J_Δ J_Δᵀ in float64 (prior mean 0).
+                     which: LaplaceParams | str = LaplaceParams.LAST, max_params: int = 8192,
+                     prior_mean: torch.Tensor | None = None) -> LaplacePosterior:
+    """Laplace posterior of one member's head from the exact dense GGN Σ Λ J_Δ J_Δᵀ in float64.
 
     Stored as the single block 1 ⊗ GGN (as `fit_laplace(subset="head")`), so τ by marginal likelihood, MacKay or a
-    fixed value comes from `LaplacePosterior.optimize_prior_precision` unchanged.
+    fixed value comes from `LaplacePosterior.optimize_prior_precision` unchanged. The prior mean is 0, the centre of
+    the l2 prior the heads were trained under, unless `prior_mean` (1, P) is given.
     """
     cfg = cfg or LaplaceConfig(subset="head", prior_structure="global")
     if TauMethod(cfg.tau_method) is TauMethod.VAL_NLL:
         raise ValueError("the fast path tunes τ by marglik, mackay or fixed; val_nll needs validation pairs")
+    if cfg.margin or cfg.center_coef:
+        raise ValueError("heads train with the plain BT loss: margin and center_coef must be 0")
     J = stack.pair_jacobian(feats.chosen, feats.rejected, member, which).double()  # (N, P)
     if J.shape[1] > max_params:
         raise ValueError(f"dense GGN over {J.shape[1]} head parameters exceeds max_params={max_params}; use "
@@ -179,7 +189,8 @@ def fit_head_laplace(stack: HeadStack, feats: PairFeatures, cfg: LaplaceConfig |
     av, aU, _ = factor_eig(ggn)
     theta = stack.flat_params(which)[member:member + 1].double()  # (1, P)
     one = torch.ones(1, dtype=torch.double)
-    block = KronBlock(one, torch.ones(1, 1, dtype=torch.double), 0.0, av, aU, 0.0, theta, torch.zeros_like(theta))
+    mu0 = torch.zeros_like(theta) if prior_mean is None else prior_mean.detach().double().cpu().reshape(theta.shape)
+    block = KronBlock(one, torch.ones(1, 1, dtype=torch.double), 0.0, av, aU, 0.0, theta, mu0)
     post = LaplacePosterior({HEAD_KEY: block}, cfg, len(feats), log_lik)
     post.optimize_prior_precision()
     return post
@@ -206,8 +217,6 @@ def save_heads(path: str | Path, stack: HeadStack, model_config: dict[str, Any],
     """Write heads (safetensors), their config + the backbone's RMConfig (json) and the posterior, atomically."""
     from safetensors.torch import save_file
 
-    from bayesrm.laplace import POSTERIOR_DIR
-
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in stack.state_dict().items()}, str(tmp / HEADS_NAME))
         meta = {"format_version": 1, "head": asdict(stack.cfg), "d": stack.d, "model": model_config,
@@ -225,8 +234,6 @@ def is_heads_dir(path: str | Path) -> bool:
 def load_heads(path: str | Path) -> tuple[HeadStack, dict[str, Any], LaplacePosterior | None]:
     """(heads, metadata, posterior or None) from a directory written by `save_heads`."""
     from safetensors.torch import load_file
-
-    from bayesrm.laplace import POSTERIOR_DIR
 
     p = Path(path)
     if not is_heads_dir(p):

@@ -15,13 +15,13 @@ from torch import nn
 
 from bayesrm.bnrm import BNRMConfig, BNRMHead, pair_covariance
 from bayesrm.io import atomic_dir
-from bayesrm.templates import Template, collate, encode, length_sorted_batches
+from bayesrm.run import CONFIG_NAME, find_model_dir
+from bayesrm.templates import ResponseKeep, Template, collate, encode, length_sorted_batches
 
 EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
                  "albert", "modernbert", "camembert"}
-CONFIG_NAME = "bayesrm.json"
 HEAD_NAME = "head.safetensors"
 INIT_NAME = "lora_init.safetensors"
 
@@ -42,6 +42,7 @@ class Head(str, Enum):
     BNRM = "bnrm"  # Bayesian non-negative factor head (bayesrm.bnrm), with predictive moments
 
 
+_LEGACY_TRUNCATION: dict[str, Any] = {"prompt_budget": 0.0, "response_keep": "end"}  # saved before these fields
 _NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
 
 
@@ -51,7 +52,9 @@ class RMConfig:
 
     backbone: str = EMBEDDED_BACKBONE  # hub id, local path, or the embedded all-MiniLM-L6-v2
     template: str = Template.OASST.value  # prompt template (oasst | chat | plain)
-    max_length: int = 500  # tokens; truncation keeps the end of the response
+    max_length: int = 500  # tokens, including the prompt and special tokens
+    prompt_budget: float = 0.25  # share of max_length kept for the end of the prompt when a pair is too long
+    response_keep: str = ResponseKeep.AUTO.value  # auto | end | start: which end of a long response survives
     pooling: str = Pooling.AUTO.value  # where the reward is read
     lora_r: int = 8  # paper: r=8
     lora_alpha: int = 16  # paper: α=16
@@ -70,12 +73,24 @@ class RMConfig:
         """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
         return {k: v for k, v in asdict(self).items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prompt_budget < 1.0:
+            raise ValueError(f"prompt_budget must be in [0, 1), got {self.prompt_budget}")
+        for name, enum in (("response_keep", ResponseKeep), ("pooling", Pooling), ("head", Head),
+                           ("template", Template)):
+            try:
+                setattr(self, name, enum(getattr(self, name)).value)
+            except ValueError:
+                raise ValueError(f"{name} must be one of {[e.value for e in enum]}, "
+                                 f"got {getattr(self, name)!r}") from None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RMConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known - {"format_version"}
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        d = _LEGACY_TRUNCATION | d  # saved before prompt-aware truncation: keep scoring them as they were trained
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -112,12 +127,6 @@ def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
     return base, tok
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """The model directory of a run directory (`run/model`), or `path` itself when it holds a model."""
-    p = Path(path)
-    return p / "model" if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists() else p
 
 
 def is_encoder(base: nn.Module) -> bool:
@@ -190,6 +199,10 @@ class RewardModel(nn.Module):
         # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
         self.lora_init: dict[str, torch.Tensor] = {
             n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
+        # the linear head's initial weight (drawn from lora_seed, so a loaded model redraws the same): the prior
+        # mean of a head-only Laplace posterior
+        self.head_init: torch.Tensor | None = (
+            self.head.weight.detach().clone() if isinstance(self.head, nn.Linear) else None)
 
     # ------------------------------------------------------------------ forward / scoring
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -235,8 +248,10 @@ class RewardModel(nn.Module):
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids per (prompt, response) with this model's template and max length."""
+        keep = ResponseKeep(self.config.response_keep)
+        keep_end = self.pooling is Pooling.LAST if keep is ResponseKeep.AUTO else keep is ResponseKeep.END
         return encode(self.tokenizer, prompts, responses, template=self.config.template,
-                      max_length=self.config.max_length)
+                      max_length=self.config.max_length, prompt_budget=self.config.prompt_budget, keep_end=keep_end)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
