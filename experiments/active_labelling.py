@@ -31,9 +31,10 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from judged_pairs import judged_split  # noqa: E402
 
-from bayesrm.active import SelectBy, select_top  # noqa: E402
+from bayesrm.active import select_top  # noqa: E402
+from bayesrm.config import HeadConfig, SelectBy  # noqa: E402
 from bayesrm.features import PairFeatures, pair_features  # noqa: E402
-from bayesrm.heads import HeadConfig, fit_head_laplace, predict_pairs, train_heads  # noqa: E402
+from bayesrm.heads import fit_head_laplace, predict_pairs, train_heads  # noqa: E402
 from bayesrm.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 from bayesrm.metrics import pair_metrics  # noqa: E402
 from bayesrm.model import RewardModel, RMConfig  # noqa: E402

@@ -10,12 +10,10 @@ import pytest
 import torch
 from conftest import toy_pairs
 
-from bayesrm.config import LaplaceConfig
+from bayesrm.config import HeadConfig, LaplaceConfig, LaplaceParams
 from bayesrm.features import PairFeatures, pair_features
 from bayesrm.heads import (
-    HeadConfig,
     HeadStack,
-    LaplaceParams,
     dense_ggn,
     fit_head_laplace,
     load_heads,

@@ -21,22 +21,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bayesrm.config import SelectBy
 from bayesrm.data import Pair
-
-
-class SelectBy(str, Enum):
-    """How unlabelled pairs are ranked for labelling."""
-
-    BALD = "bald"  # mutual information between the label and the parameters (expected information gain)
-    SIGMA = "sigma"  # σ_Δ = √Var Δ, the posterior std of the reward difference
-    RANDOM = "random"  # a seeded random order (the baseline)
 
 
 def bernoulli_entropy_logit(x: torch.Tensor) -> torch.Tensor:

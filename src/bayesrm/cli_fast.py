@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from bayesrm.active import SelectBy
 from bayesrm.cli import FieldOpt, FormatOpt, SkipOpt, _friendly, _load, _print_metrics, app, console
+from bayesrm.config import HeadConfig, HeadKind, LaplaceParams, SelectBy
 from bayesrm.data import DataFormat, save_pairs, split_by_prompt
-from bayesrm.heads import HeadConfig, HeadKind, LaplaceParams
 
 _H = HeadConfig()
 CACHE_DIR = Path(".cache/features")

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from enum import Enum
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from bayesrm.config import LaplaceConfig, TauMethod
+from bayesrm.config import HeadConfig, HeadKind, LaplaceConfig, LaplaceParams, TauMethod
 from bayesrm.features import PairFeatures
 from bayesrm.io import atomic_dir
 from bayesrm.laplace import HEAD_KEY, KronBlock, LaplacePosterior, bt_ggn_weight, factor_eig
@@ -34,49 +33,6 @@ def dense_ggn(jac_delta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Exact BT GGN Σ_n Λ_n J_Δ,n J_Δ,nᵀ from pair Jacobians J_Δ = ∂(r_w − r_l)/∂θ (N, P) and Δ (N,), (P, P) (§2)."""
     lam = bt_ggn_weight(delta).to(jac_delta.dtype)  # (N,) Λ = p(1 − p)
     return (jac_delta.T * lam) @ jac_delta
-
-
-class HeadKind(str, Enum):
-    """Architecture of each head."""
-
-    LINEAR = "linear"  # r = wᵀf
-    MLP = "mlp"  # r = w₂ᵀ relu(W₁ᵀf + b₁)
-
-
-class LaplaceParams(str, Enum):
-    """Which head parameters the head-only Laplace posterior covers."""
-
-    LAST = "last"  # the last linear layer (all of a linear head): r is linear in it, so the GGN is the Hessian
-    ALL = "all"  # every head parameter (small MLPs: the dense GGN is P × P)
-
-
-@dataclass
-class HeadConfig:
-    """Heads on frozen features; training is full-data Adam epochs over shuffled mini-batches."""
-
-    kind: str = HeadKind.LINEAR.value  # linear | mlp
-    hidden: int = 64  # MLP width
-    members: int = 1  # ensemble size M (trained together, vectorised)
-    epochs: int = 50  # passes over the training pairs
-    lr: float = 3e-3  # Adam learning rate
-    batch_size: int = 64  # pairs per step
-    l2: float = 1e-3  # Gaussian prior on the head weights: loss = mean BT + (l2/2)·‖θ‖² (MAP)
-    seed: int = 0  # member i uses seed + i for its initialisation and data order
-
-    def __post_init__(self) -> None:
-        self.kind = HeadKind(self.kind).value
-        for name in ("hidden", "members", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"HeadConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.l2 < 0:
-            raise ValueError(f"HeadConfig needs lr > 0 and l2 ≥ 0, got lr={self.lr}, l2={self.l2}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HeadConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown head config fields: {sorted(set(d) - known)}")
-        return cls(**d)
 
 
 class HeadStack(nn.Module):
