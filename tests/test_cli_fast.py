@@ -13,7 +13,7 @@ from bayesrm.active import bald_bt, pair_moments
 from bayesrm.cli import app
 from bayesrm.data import save_pairs
 from bayesrm.features import pair_features
-from bayesrm.heads import load_heads, predict_pairs
+from bayesrm.feature_heads import load_heads, predict_pairs
 from bayesrm.model import RewardModel, RMConfig
 
 runner = CliRunner()

@@ -76,7 +76,7 @@ def pair_moments(path: str | Path, pairs: Sequence[Pair], cache_dir: str | Path 
     """(μ_Δ, Var Δ) of each pair under a saved model: fast heads (cached features; Laplace or ensemble spread), a
     model with a Laplace posterior (joint J_Δ Σ J_Δᵀ), or a BNRM model (its variational pair moments)."""
     from bayesrm.features import pair_features
-    from bayesrm.heads import is_heads_dir, load_heads, predict_pairs
+    from bayesrm.feature_heads import is_heads_dir, load_heads, predict_pairs
     from bayesrm.laplace import LaplacePosterior
     from bayesrm.model import RewardModel, RMConfig
     from bayesrm.run import RunDir

@@ -50,7 +50,7 @@ def heads_cmd(
 
     from bayesrm.data import pairs_fingerprint
     from bayesrm.features import pair_features
-    from bayesrm.heads import fit_head_laplace, predict_pairs, save_heads, train_heads
+    from bayesrm.feature_heads import fit_head_laplace, predict_pairs, save_heads, train_heads
     from bayesrm.metrics import pair_metrics
     from bayesrm.model import RewardModel, RMConfig
 

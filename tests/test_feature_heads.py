@@ -12,7 +12,7 @@ from conftest import toy_pairs
 
 from bayesrm.config import HeadConfig, LaplaceConfig, LaplaceParams
 from bayesrm.features import PairFeatures, pair_features
-from bayesrm.heads import (
+from bayesrm.feature_heads import (
     HeadStack,
     dense_ggn,
     fit_head_laplace,
