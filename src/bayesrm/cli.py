@@ -555,12 +555,13 @@ def explain_cmd(
     skip_invalid: SkipOpt = False,
 ) -> None:
     """BNRM factors: the top-k by Φ, each with the responses whose θ loads most on it (and their lengths)."""
-    from bayesrm.bnrm import explain_factors
+    from bayesrm.explain import explain_factors
     from bayesrm.io import atomic_write_json
     from bayesrm.model import RewardModel
 
     model = RewardModel.load(model_dir)
-    model.bnrm_head  # noqa: B018 - fail before loading data when the head is linear
+    if not model.head.has_moments:  # fail before loading data when the head is linear
+        raise ValueError(f"{model_dir}: factor explanations need a BNRM model (train with --head bnrm)")
     first = next(iter_rows(data), (0, {}))[1]
     if "response" in first and "chosen" not in first:
         rows = [r for _, r in iter_rows(data)][:limit]

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bayesrm.data import Pair, pairs_fingerprint
+from bayesrm.heads import Head, LinearHead
 from bayesrm.io import atomic_write_json
 from bayesrm.laplace import LaplacePosterior
 from bayesrm.model import (
@@ -314,6 +315,9 @@ class EnsembleRewardModel(nn.Module):
                 configs.append(RMConfig.from_dict(json.loads((md / CONFIG_NAME).read_text())))
             except (json.JSONDecodeError, ValueError, TypeError) as e:
                 raise ValueError(f"{md / CONFIG_NAME}: {e}") from None
+        if any(c.head != Head.LINEAR.value for c in configs):
+            raise ValueError(f"{source}: ensembles of '{configs[0].head}' heads are not supported (members share one "
+                             "backbone with linear BT heads); score BNRM members one at a time")
         for f in SHARED_FIELDS:
             vals = [getattr(c, f) for c in configs]
             if any(v != vals[0] for v in vals):
@@ -324,7 +328,7 @@ class EnsembleRewardModel(nn.Module):
         for name, md in zip(names[1:], model_dirs[1:], strict=True):
             peft.load_adapter(str(md), adapter_name=name)
         hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
-        heads = nn.ModuleDict({n: nn.Linear(hidden, 1) for n in names})
+        heads = nn.ModuleDict({n: LinearHead(hidden) for n in names})
         inits = []
         for name, md in zip(names, model_dirs, strict=True):
             heads[name].load_state_dict(load_file(str(md / HEAD_NAME)))
