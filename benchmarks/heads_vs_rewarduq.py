@@ -7,9 +7,9 @@ Same data for every row: 600 training / 200 test AlpacaEval judged pairs on disj
 are computed once by `bayesrm.features.pair_features` (cached under `--cache-dir`; the first run pays the backbone
 pass, later runs hit the cache) and every head row, RewardUQ's included, trains on those same tensors:
 
-- bayesrm rows: `bayesrm.feature_heads.train_heads` (Adam, batch 64, l2 1e-3) and `fit_head_laplace` (exact GGN, marglik τ);
+- bayesrm rows: `feature_heads.train_heads` (Adam, batch 64, l2 1e-3) and `fit_head_laplace` (exact GGN, marglik τ);
   the ensemble is one vectorised HeadStack; "loop" trains the same 20 members one after another (the same weights,
-  tested in tests/test_heads.py), to measure what vectorising buys.
+  tested in tests/test_feature_heads.py), to measure what vectorising buys.
 - RewardUQ 0.1.0: `MLPHeadEnsembleTrainer` with its defaults (20 heads of 2 hidden layers × 128, xavier init,
   regularisation towards the initial weights 0.5, TRL RewardConfig's learning rate, batch 8), 10 epochs, fed our
   features through its `precomputed_features_train`; run in the benchmark venv by `rewarduq_heads.py`
@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from judged_pairs import judged_split  # noqa: E402
 
 from bayesrm.config import HeadConfig  # noqa: E402
-from bayesrm.features import PairFeatures, pair_features  # noqa: E402
 from bayesrm.feature_heads import fit_head_laplace, predict_pairs, train_heads  # noqa: E402
+from bayesrm.features import PairFeatures, pair_features  # noqa: E402
 from bayesrm.io import atomic_write_json  # noqa: E402
 from bayesrm.metrics import pair_metrics  # noqa: E402
 from bayesrm.model import RewardModel, RMConfig, resolve_backbone  # noqa: E402

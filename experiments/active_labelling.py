@@ -4,7 +4,7 @@
 
 Data: the 1,200-pair pool and 200 held-out pairs (disjoint prompts) of `judged_pairs.judged_split`, features of the
 frozen MiniLM (max_length 256) from the cache that `benchmarks/heads_vs_rewarduq.py` fills (computed here if absent).
-Model after every round: a linear head (`bayesrm.feature_heads.train_heads`, Adam 100 epochs, batch 64, l2 1e-3) with the
+Model after every round: a linear head (`feature_heads.train_heads`, Adam 100 epochs, batch 64, l2 1e-3) with the
 head-only Laplace posterior (exact GGN, marglik τ), refitted from scratch on the labelled pairs. Each seed starts from
 the same 20 random labelled pairs for all three rules, then adds 20 pairs per round chosen from the rest of the pool
 by `bayesrm.active` — BALD (mutual information of label and head parameters from μ_Δ and the joint Var Δ), σ_Δ, or
@@ -33,8 +33,8 @@ from judged_pairs import judged_split  # noqa: E402
 
 from bayesrm.active import select_top  # noqa: E402
 from bayesrm.config import HeadConfig, SelectBy  # noqa: E402
-from bayesrm.features import PairFeatures, pair_features  # noqa: E402
 from bayesrm.feature_heads import fit_head_laplace, predict_pairs, train_heads  # noqa: E402
+from bayesrm.features import PairFeatures, pair_features  # noqa: E402
 from bayesrm.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 from bayesrm.metrics import pair_metrics  # noqa: E402
 from bayesrm.model import RewardModel, RMConfig  # noqa: E402

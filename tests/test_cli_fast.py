@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from bayesrm.active import bald_bt, pair_moments
 from bayesrm.cli import app
 from bayesrm.data import save_pairs
-from bayesrm.features import pair_features
 from bayesrm.feature_heads import load_heads, predict_pairs
+from bayesrm.features import pair_features
 from bayesrm.model import RewardModel, RMConfig
 
 runner = CliRunner()

@@ -11,7 +11,6 @@ import torch
 from conftest import toy_pairs
 
 from bayesrm.config import HeadConfig, LaplaceConfig, LaplaceParams
-from bayesrm.features import PairFeatures, pair_features
 from bayesrm.feature_heads import (
     HeadStack,
     dense_ggn,
@@ -21,6 +20,7 @@ from bayesrm.feature_heads import (
     save_heads,
     train_heads,
 )
+from bayesrm.features import PairFeatures, pair_features
 from bayesrm.laplace import HEAD_KEY, fit_laplace
 from bayesrm.losses import bradley_terry_loss
 from bayesrm.model import RewardModel

@@ -19,7 +19,7 @@ def _model(tiny_cfg, **kw):  # type: ignore[no-untyped-def]
 def _no_compute(model: RewardModel, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("backbone pass on a cache hit")
-    monkeypatch.setattr(model, "_per_response", boom)
+    monkeypatch.setattr(model, "per_response", boom)
 
 
 def test_features_match_the_model_and_cache_hits(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,8 +75,8 @@ def pair_moments(path: str | Path, pairs: Sequence[Pair], cache_dir: str | Path 
                  batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ_Δ, Var Δ) of each pair under a saved model: fast heads (cached features; Laplace or ensemble spread), a
     model with a Laplace posterior (joint J_Δ Σ J_Δᵀ), or a BNRM model (its variational pair moments)."""
-    from bayesrm.features import pair_features
     from bayesrm.feature_heads import is_heads_dir, load_heads, predict_pairs
+    from bayesrm.features import pair_features
     from bayesrm.laplace import LaplacePosterior
     from bayesrm.model import RewardModel, RMConfig
     from bayesrm.run import RunDir
@@ -87,7 +87,7 @@ def pair_moments(path: str | Path, pairs: Sequence[Pair], cache_dir: str | Path 
         feats = pair_features(model, pairs, cache_dir, batch_size)
         return predict_pairs(stack, feats, post, meta["laplace_params"])
     model = RewardModel.load(path)
-    if model.config.head == "bnrm":
+    if model.head.has_moments:  # BNRM: its variational pair moments
         return model.predict_pair_moments([p.prompt for p in pairs], [p.chosen for p in pairs],
                                           [p.rejected for p in pairs], batch_size)
     post = LaplacePosterior.load(RunDir.of(path).require_posterior())

@@ -49,8 +49,8 @@ def heads_cmd(
     import time
 
     from bayesrm.data import pairs_fingerprint
-    from bayesrm.features import pair_features
     from bayesrm.feature_heads import fit_head_laplace, predict_pairs, save_heads, train_heads
+    from bayesrm.features import pair_features
     from bayesrm.metrics import pair_metrics
     from bayesrm.model import RewardModel, RMConfig
 

@@ -89,7 +89,7 @@ def _compute(model: RewardModel, pairs: Sequence[Pair], batch_size: int,
     """One backbone pass over all chosen and rejected responses (RewardModel's batched, length-sorted loop)."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    f = model._per_response(prompts, responses, lambda x: x, batch_size, progress)  # (2N, d) float64
+    f = model.per_response(prompts, responses, lambda x: x, batch_size, progress)  # (2N, d) float64
     f = f.to(torch.float32) if model.config.dtype != "float64" else f  # features are fp32 (bf16/fp16 upcast)
     return f[: len(pairs)].contiguous(), f[len(pairs):].contiguous()
 

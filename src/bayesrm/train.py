@@ -335,8 +335,9 @@ def train_on_features(model: RewardModel, train_pairs: Sequence[Pair], cfg: Trai
     from transformers import get_linear_schedule_with_warmup
 
     from bayesrm.features import pair_features
+    from bayesrm.heads import LinearHead
 
-    if not model.config.freeze_backbone or not isinstance(model.head, torch.nn.Linear):
+    if not model.config.freeze_backbone or not isinstance(model.head, LinearHead):
         raise ValueError("train_on_features needs freeze_backbone=True and the linear head; use train()")
     if not train_pairs:
         raise ValueError("no training pairs")
@@ -373,7 +374,7 @@ def train_on_features(model: RewardModel, train_pairs: Sequence[Pair], cfg: Trai
             group_start = b - b % cfg.grad_accum
             group = min(cfg.grad_accum, len(batches) - group_start)
             i = torch.tensor(idx)
-            loss = pair_loss(head(fw[i]).squeeze(-1), head(fl[i]).squeeze(-1), cfg).mean()
+            loss = pair_loss(head(fw[i]), head(fl[i]), cfg).mean()  # head: (B, d) → (B,)
             (loss / group).backward()
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             if b + 1 - group_start == group:
@@ -386,7 +387,7 @@ def train_on_features(model: RewardModel, train_pairs: Sequence[Pair], cfg: Trai
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(loss_n, 1)}
         if ev is not None:
             with torch.no_grad():
-                delta = (head(ev.chosen.to(model.device)) - head(ev.rejected.to(model.device))).squeeze(-1)
+                delta = head(ev.chosen.to(model.device)) - head(ev.rejected.to(model.device))
             row |= {f"eval_{k}": v for k, v in pair_metrics(delta.double().cpu()).items()}
         history.append(row)
         write_jsonl(out / METRICS_NAME, history)
