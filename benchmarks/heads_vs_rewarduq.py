@@ -1,15 +1,17 @@
 """Frozen-backbone fast path (cached features → heads) vs RewardUQ's MLP-head ensemble vs `train --freeze-backbone`.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/heads_vs_rewarduq.py            # ~10 min on 1 thread, first run
+    PYTHONPATH=src .venv/bin/python benchmarks/heads_vs_rewarduq.py              # ~6 min CPU, first run
+    PYTHONPATH=src .venv/bin/python benchmarks/heads_vs_rewarduq.py --reuse-old  # heads only, old-path row kept
 
 Same data for every row: 600 training / 200 test AlpacaEval judged pairs on disjoint prompts
 (`experiments/judged_pairs.py`), the embedded all-MiniLM-L6-v2 frozen, OASST template, max_length 256. The features
 are computed once by `bayesrm.features.pair_features` (cached under `--cache-dir`; the first run pays the backbone
 pass, later runs hit the cache) and every head row, RewardUQ's included, trains on those same tensors:
 
-- bayesrm rows: `feature_heads.train_heads` (Adam, batch 64, l2 1e-3) and `fit_head_laplace` (exact GGN, marglik τ);
-  the ensemble is one vectorised HeadStack; "loop" trains the same 20 members one after another (the same weights,
-  tested in tests/test_feature_heads.py), to measure what vectorising buys.
+- bayesrm rows: `feature_heads.train_heads` (Adam, batch 64) and `fit_head_laplace` (exact GGN, marglik τ). For
+  each head kind, l2 ∈ {1e-3, 1e-2, 1e-1} × epochs ∈ {10, 50} is chosen by NLL on 200 further pool pairs (never the
+  test pairs); the ensemble uses the MLP's choice. The ensemble is one vectorised HeadStack; "loop" trains the same
+  20 members one after another (the same weights, tested in tests/test_feature_heads.py): what vectorising buys.
 - RewardUQ 0.1.0: `MLPHeadEnsembleTrainer` with its defaults (20 heads of 2 hidden layers × 128, xavier init,
   regularisation towards the initial weights 0.5, TRL RewardConfig's learning rate, batch 8), 10 epochs, fed our
   features through its `precomputed_features_train`; run in the benchmark venv by `rewarduq_heads.py`
@@ -66,28 +68,42 @@ def metrics(mu: torch.Tensor, var: torch.Tensor | None) -> dict[str, float]:
     return row
 
 
-def ours(train: PairFeatures, test: PairFeatures) -> list[dict[str, Any]]:
-    rows = []
-    specs = [("linear", HeadConfig(kind="linear", epochs=50), True),
-             ("MLP 128", HeadConfig(kind="mlp", hidden=128, epochs=50), True),
-             ("ensemble M=20 MLP 128", HeadConfig(kind="mlp", hidden=128, members=20, epochs=10), False),
-             ("ensemble M=20 MLP 128", HeadConfig(kind="mlp", hidden=128, members=20, epochs=50), False)]
-    for name, cfg, laplace in specs:
+L2S, EPOCHS = (1e-3, 1e-2, 1e-1), (10, 50)  # the validation sweep of each head kind
+
+
+def select_config(kind: str, train: PairFeatures, val: PairFeatures) -> tuple[HeadConfig, list[dict[str, Any]]]:
+    """The (l2, epochs) of a single `kind` head with the lowest validation NLL, and the sweep."""
+    sweep = []
+    for l2 in L2S:
+        for epochs in EPOCHS:
+            cfg = HeadConfig(kind=kind, hidden=128, l2=l2, epochs=epochs)
+            mu, _ = predict_pairs(train_heads(train, cfg), val)
+            sweep.append({"kind": kind, "l2": l2, "epochs": epochs, "val_nll": pair_metrics(mu)["nll"]})
+    best = min(sweep, key=lambda r: r["val_nll"])
+    return HeadConfig(kind=kind, hidden=128, l2=best["l2"], epochs=best["epochs"]), sweep
+
+
+def ours(train: PairFeatures, val: PairFeatures, test: PairFeatures) -> tuple[list[dict[str, Any]], list[Any]]:
+    rows, sweeps = [], []
+    lin, s1 = select_config("linear", train, val)
+    mlp, s2 = select_config("mlp", train, val)
+    sweeps += s1 + s2
+    ens = HeadConfig(**{**mlp.__dict__, "members": 20})
+    for name, cfg, laplace in (("linear", lin, True), ("MLP 128", mlp, True), ("ensemble M=20 MLP 128", ens, False)):
         stack, wall, cpu = timed(functools.partial(train_heads, train, cfg))
         mu, var = predict_pairs(stack, test)
-        rows.append({"method": f"bayesrm {name}", "epochs": cfg.epochs, "wall_s": wall, "cpu_s": cpu}
-                    | metrics(mu, var if cfg.members > 1 else None))
+        base = {"method": f"bayesrm {name} (l2 {cfg.l2:g})", "epochs": cfg.epochs}
+        rows.append(base | {"wall_s": wall, "cpu_s": cpu} | metrics(mu, var if cfg.members > 1 else None))
         if laplace:
             post, lw, lc = timed(functools.partial(fit_head_laplace, stack, train))
             mu, var = predict_pairs(stack, test, post)
-            rows.append({"method": f"bayesrm {name} + head Laplace (last layer, marglik τ)", "epochs": cfg.epochs,
-                         "wall_s": wall + lw, "cpu_s": cpu + lc, "laplace_s": lw, "tau": post.tau["head"]}
+            rows.append(base | {"method": f"{base['method']} + head Laplace (last layer, marglik τ)",
+                                "wall_s": wall + lw, "cpu_s": cpu + lc, "laplace_s": lw, "tau": post.tau["head"]}
                         | metrics(mu, var))
-    cfg = HeadConfig(kind="mlp", hidden=128, members=1, epochs=10)
-    _, wall, cpu = timed(lambda: [train_heads(train, HeadConfig(**{**cfg.__dict__, "seed": i})) for i in range(20)])
-    rows.append({"method": "bayesrm ensemble M=20 MLP 128, Python loop over members", "epochs": 10, "wall_s": wall,
-                 "cpu_s": cpu})
-    return rows
+    _, wall, cpu = timed(lambda: [train_heads(train, HeadConfig(**{**mlp.__dict__, "seed": i})) for i in range(20)])
+    rows.append({"method": "bayesrm ensemble M=20 MLP 128, Python loop over members", "epochs": mlp.epochs,
+                 "wall_s": wall, "cpu_s": cpu})
+    return rows, sweeps
 
 
 def rewarduq(train: PairFeatures, test: PairFeatures, python: str, epochs: float) -> dict[str, Any]:
@@ -147,7 +163,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "features"))
     ap.add_argument("--bench-python", default=str(ROOT / ".bench-venv" / "bin" / "python"))
     ap.add_argument("--rewarduq-epochs", type=float, default=10)
+    ap.add_argument("--n-val", type=int, default=200, help="pool pairs after the training ones, to choose l2/epochs")
     ap.add_argument("--skip-old", action="store_true", help="do not time `train --freeze-backbone`")
+    ap.add_argument("--reuse-old", action="store_true", help="take the `train --freeze-backbone` row from --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "heads_vs_rewarduq.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -159,10 +177,13 @@ def main() -> None:
     (fp, ft), fwall, fcpu = timed(lambda: (pair_features(model, pool, args.cache_dir, log=print),
                                            pair_features(model, test, args.cache_dir, log=print)))
     print(f"features: {2 * (len(pool) + len(test))} responses, {fwall:.1f} s wall, {fcpu:.1f} s CPU")
-    train = fp.subset(range(args.n_train))
-    rows = ours(train, ft)
+    train, val = fp.subset(range(args.n_train)), fp.subset(range(args.n_train, args.n_train + args.n_val))
+    rows, sweeps = ours(train, val, ft)
     rows.append(rewarduq(train, ft, args.bench_python, args.rewarduq_epochs))
-    if not args.skip_old:
+    if args.reuse_old:
+        prev = json.loads(Path(args.out).read_text())["rows"]
+        rows.append(next(r for r in prev if r["method"].startswith("bayesrm train")) | {"reused": True})
+    elif not args.skip_old:
         rows.append(old_path(cfg, pool[: args.n_train]))
     base = next((r["cpu_s"] for r in rows if r["method"].startswith("bayesrm train")), float("nan"))
     md = table(rows, base)
@@ -170,7 +191,7 @@ def main() -> None:
     atomic_write_json(args.out, {"n_train": args.n_train, "n_test": args.n_test, "max_length": args.max_length,
                                  "features": {"wall_s": fwall, "cpu_s": fcpu, "responses": 2 * (len(pool) + len(test)),
                                               "pool_fingerprint": fp.fingerprint, "test_fingerprint": ft.fingerprint},
-                                 "rows": rows, "table": md})
+                                 "rows": rows, "sweep": sweeps, "table": md})
     print(json.dumps({"wrote": args.out}))
 
 
