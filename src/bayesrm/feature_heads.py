@@ -20,8 +20,8 @@ from torch import nn
 from bayesrm.config import HeadConfig, HeadKind, LaplaceConfig, LaplaceParams, TauMethod
 from bayesrm.features import PairFeatures
 from bayesrm.io import atomic_dir
-from bayesrm.laplace import HEAD_KEY, KronBlock, LaplacePosterior, bt_ggn_weight, factor_eig
-from bayesrm.losses import bradley_terry_loss
+from bayesrm.laplace import HEAD_KEY, KronBlock, LaplacePosterior, factor_eig
+from bayesrm.losses import bradley_terry_loss, bt_ggn_weight
 from bayesrm.run import POSTERIOR_DIR
 
 HEADS_NAME = "heads.safetensors"
