@@ -11,6 +11,7 @@ import torch
 from conftest import toy_pairs
 
 from bayesrm.config import HeadConfig, LaplaceConfig, LaplaceParams
+from bayesrm.data import DataError
 from bayesrm.feature_heads import (
     HeadStack,
     dense_ggn,
@@ -156,8 +157,14 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     f32 = PairFeatures(feats.chosen.float(), feats.rejected.float(), "t")
     for a, b in zip(predict_pairs(stack, f32, post), predict_pairs(stack2, f32, post2), strict=True):
         torch.testing.assert_close(a, b)
+    f = tmp_path / "h" / "heads.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-3] ^= 0xFF  # one flipped byte in the weights
+    f.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_heads(tmp_path / "h")
     (tmp_path / "h" / "heads.json").write_text("{")
-    with pytest.raises(ValueError, match="damaged"):
+    with pytest.raises(DataError, match="damaged"):
         load_heads(tmp_path / "h")
 
 

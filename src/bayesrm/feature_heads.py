@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from bayesrm.config import HeadConfig, HeadKind, LaplaceConfig, LaplaceParams, TauMethod
+from bayesrm.data import DataError
 from bayesrm.features import PairFeatures
+from bayesrm.integrity import (
+    CHECKSUMS_KEY,
+    load_tensors,
+    one_line,
+    require_finite,
+    tensor_checksums,
+    verify_checksums,
+)
 from bayesrm.io import atomic_dir
 from bayesrm.laplace import HEAD_KEY, KronBlock, LaplacePosterior, factor_eig
 from bayesrm.losses import bradley_terry_loss, bt_ggn_weight
@@ -176,7 +185,8 @@ def save_heads(path: str | Path, stack: HeadStack, model_config: dict[str, Any],
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in stack.state_dict().items()}, str(tmp / HEADS_NAME))
         meta = {"format_version": 1, "head": asdict(stack.cfg), "d": stack.d, "model": model_config,
-                "laplace_params": LaplaceParams(laplace_params).value, **info}
+                "laplace_params": LaplaceParams(laplace_params).value, **info,
+                CHECKSUMS_KEY: tensor_checksums(tmp)}
         (tmp / HEADS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if post is not None:
             post.save(tmp / POSTERIOR_DIR)
@@ -188,18 +198,22 @@ def is_heads_dir(path: str | Path) -> bool:
 
 
 def load_heads(path: str | Path) -> tuple[HeadStack, dict[str, Any], LaplacePosterior | None]:
-    """(heads, metadata, posterior or None) from a directory written by `save_heads`."""
-    from safetensors.torch import load_file
-
+    """(heads, metadata, posterior or None) from a directory written by `save_heads`; checksums verified."""
     p = Path(path)
     if not is_heads_dir(p):
         raise FileNotFoundError(f"{p}: no {HEADS_CONFIG} (not a fast-heads directory)")
     try:
         meta = json.loads((p / HEADS_CONFIG).read_text())
         stack = HeadStack(int(meta["d"]), HeadConfig.from_dict(meta["head"]))
-        stack.load_state_dict(load_file(str(p / HEADS_NAME)))
-    except (json.JSONDecodeError, KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{p}: damaged fast-heads directory ({e})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"damaged fast-heads config ({one_line(e)})", file=str(p / HEADS_CONFIG)) from None
+    verify_checksums(p, meta, p / HEADS_CONFIG, required=[HEADS_NAME])
+    tensors = load_tensors(p / HEADS_NAME)
+    require_finite(tensors, p / HEADS_NAME)
+    try:
+        stack.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise DataError(f"heads do not match {HEADS_CONFIG} ({one_line(e)})", file=str(p / HEADS_NAME)) from None
     stack.eval()
     post = LaplacePosterior.load(p / POSTERIOR_DIR) if (p / POSTERIOR_DIR / "posterior.json").exists() else None
     return stack, meta, post

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from bayesrm.data import Pair, pairs_fingerprint
+from bayesrm.data import DataError, Pair, pairs_fingerprint
+from bayesrm.integrity import load_tensors, require_finite
 from bayesrm.io import atomic_path
 from bayesrm.model import RewardModel
 
@@ -99,11 +100,10 @@ def pair_features(model: RewardModel, pairs: Sequence[Pair], cache_dir: str | Pa
                   log: Callable[[str], None] | None = None) -> PairFeatures:
     """Reward-token features of every pair's responses, from `cache_dir` when present, else computed and cached.
 
-    The cache file holds the features and, in its metadata, the key they were computed under; a file whose key
-    does not match (damaged, or a hash collision) raises ValueError naming it instead of being used.
+    The cache file holds the features and, in its metadata, the key they were computed under; a file that is
+    unreadable, holds another key (a hash collision) or non-finite values raises DataError naming it.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open, save_file
+    from safetensors.torch import safe_open, save_file
 
     if not pairs:
         raise ValueError("no pairs to compute features for")
@@ -111,14 +111,13 @@ def pair_features(model: RewardModel, pairs: Sequence[Pair], cache_dir: str | Pa
     fp = fingerprint(key)
     path = Path(cache_dir) / f"{fp}.safetensors" if cache_dir is not None else None
     if path is not None and path.exists():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            t = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path}: unreadable feature cache ({e}); delete it to recompute") from None
+        t = load_tensors(path)  # one DataError naming the file if truncated or garbled
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
         if meta.get("key") != json.dumps(key, sort_keys=True) or set(t) != {"chosen", "rejected"}:
-            raise ValueError(f"{path}: feature cache does not match this model and data; delete it to recompute")
+            raise DataError("feature cache does not match this model and data; delete it to recompute",
+                            file=str(path))
+        require_finite(t, path)
         if log is not None:
             log(f"features: cache hit {path}")
         return PairFeatures(t["chosen"], t["rejected"], fp)
