@@ -73,7 +73,7 @@ L2S, EPOCHS = (1e-3, 1e-2, 1e-1), (10, 50)  # the validation sweep of each head 
 
 def select_config(kind: str, train: PairFeatures, val: PairFeatures) -> tuple[HeadConfig, list[dict[str, Any]]]:
     """The (l2, epochs) of a single `kind` head with the lowest validation NLL, and the sweep."""
-    sweep = []
+    sweep: list[dict[str, Any]] = []
     for l2 in L2S:
         for epochs in EPOCHS:
             cfg = HeadConfig(kind=kind, hidden=128, l2=l2, epochs=epochs)
