@@ -240,24 +240,6 @@ def fit_phases(model: RewardModel, fit: Sequence[Pair], bs: int, reps: int) -> d
     return {"fwd_bwd": t_fb, "factors": t_fac, "fit": t_all}
 
 
-def tau_bounded_search(post: LaplacePosterior, bounds: tuple[float, float] = (1e-6, 1e8)) -> dict[str, float]:
-    """Layerwise marglik τ as bayesrm found it before: bounded 1-D minimisation of −log evidence per block."""
-    from scipy.optimize import minimize_scalar
-
-    from bayesrm.laplace import kron_logdet_ratio
-
-    sc, T, out = post.scatter(), post.cfg.temperature, {}
-    for k in post.blocks:
-        def neg(log_t: float, k: str = k) -> float:
-            t = math.exp(log_t)
-            return 0.5 * float(kron_logdet_ratio(*post._grids[k], t, T)) + 0.5 * t * sc[k]
-
-        res = minimize_scalar(neg, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
-                              options={"xatol": 1e-6})
-        out[k] = math.exp(float(res.x))
-    return out
-
-
 def _dist_fit(model_dir: str, fit: list[Pair], bs: int, out: str) -> None:
     """One rank of the distributed fit: load, barrier, time fit_laplace; rank 0 writes the max over ranks."""
     import json
@@ -370,11 +352,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     for phase, tp in (("hooked forward + weighted backward", ph["fwd_bwd"]), ("fp64 factor accumulation", acc_t),
                       ("eigendecompositions + τ (marglik)", rest), ("whole fit_laplace", ph["fit"])):
         print(f"  {phase:<44}{tp.wall:9.2f}{tp.cpu:9.2f}{tp.cpu / ph['fit'].cpu:10.0%}")
-    before, t_before = timed(lambda: tau_bounded_search(post), args.reps)
-    after, t_after = timed(lambda: post.optimize_prior_precision("marglik", "layerwise"), args.reps)
-    print(f"  τ (marglik, layerwise): bounded search {t_before.cpu:.3f} s CPU (before) vs root of τ‖θ−μ0‖² = γ(τ) "
-          f"{t_after.cpu:.3f} s (now): {t_before.cpu / max(t_after.cpu, 1e-9):.1f}x; max |log τ diff| "
-          f"{max(abs(math.log(before[k] / after[k])) for k in after):.1e}")
     if args.processes > 1:
         t_d = distributed_fit(model, fit, bs, args.processes)
         print(f"  {'fit_laplace, ' + str(args.processes) + ' processes × 1 thread':<44}{t_d.wall:9.2f}"

@@ -295,6 +295,8 @@ class LaplacePosterior:
                                  bounds: tuple[float, float] = (1e-6, 1e8)) -> dict[str, float]:
         """Choose τ by marginal likelihood (exact 1-D maximisation; separable per tensor), MacKay's fixed
         point, or a validation-NLL grid (`val_data` from `pair_cache`). Sets self.tau, returns a copy (§6)."""
+        from scipy.optimize import minimize_scalar
+
         meth = TauMethod(method or self.cfg.tau_method)
         struct = PriorStructure(structure or self.cfg.prior_structure)
         T = self.cfg.temperature
@@ -319,7 +321,12 @@ class LaplacePosterior:
             if all(sc[k] == 0 and float(self._grids[k][0].max()) <= 0 for k in grp):
                 continue  # no curvature and θ* = μ0 (e.g. LoRA A before training): flat evidence, keep τ
             if meth is TauMethod.MARGLIK:
-                t_best = _marglik_tau([self._grids[k] for k in grp], sum(sc[k] for k in grp), T, (lo, hi))
+                def neg(log_t: float, grp: list[str] = grp) -> float:
+                    t = math.exp(log_t)
+                    return float(sum(0.5 * float(kron_logdet_ratio(*self._grids[k], t, T)) + 0.5 * t * sc[k]
+                                     for k in grp))
+                res = minimize_scalar(neg, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
+                t_best = math.exp(float(res.x))
             else:  # MacKay fixed point
                 t_best = self.tau[grp[0]]
                 for _ in range(500):
@@ -513,30 +520,6 @@ def _check_block(name: str, b: KronBlock, file: Path) -> None:
         raise DataError(f"block {name}: inconsistent tensor shapes", file=str(file))
     if bool((b.g_vals < 0).any()) or bool((b.a_vals < 0).any()):
         raise DataError(f"block {name}: negative curvature eigenvalues", file=str(file))
-
-
-def _marglik_tau(grids: Sequence[tuple[torch.Tensor, torch.Tensor]], scatter: float, temperature: float,
-                 log_bounds: tuple[float, float]) -> float:
-    """The τ maximising the Laplace evidence of blocks sharing one τ: the root in log τ of τ·Σ‖θ*−μ0‖² − γ(τ) (§6).
-
-    d(−log evidence)/d log τ = ½(τ·scatter − γ(τ)) increases with τ (γ decreases), so the evidence is unimodal in
-    log τ and its maximiser is this root (MacKay's fixed point), clipped to the bounds; numpy keeps each of the ~10
-    evaluations at microseconds.
-    """
-    from scipy.optimize import brentq
-
-    xs = [(g[0].double().cpu().numpy().ravel() / temperature, g[1].double().cpu().numpy().ravel()) for g in grids]
-
-    def slope(log_t: float) -> float:
-        t = math.exp(log_t)
-        return t * scatter - sum(float((m * x / (x + t)).sum()) for x, m in xs)
-
-    lo, hi = log_bounds
-    if slope(lo) >= 0:
-        return math.exp(lo)
-    if slope(hi) <= 0:
-        return math.exp(hi)
-    return math.exp(float(brentq(slope, lo, hi, xtol=1e-12)))
 
 
 def _require_linear_head(model: RewardModel) -> nn.Linear:
