@@ -587,14 +587,14 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
             elif var is KFACVariant.REDUCE:
                 gh = g[k].sum(1).double()  # (2B, o)
                 ab = a[k].sum(1).double() / mask.sum(1, keepdim=True)  # (2B, i)
-                G[k] += (gh.T @ gh)
-                A[k] += (ab.T @ ab)
+                G[k] += gh.T @ gh
+                A[k] += ab.T @ ab
                 norm[k] += 2 * B
             else:
                 gt = g[k].reshape(-1, g[k].shape[-1]).double()  # (2B·T, o)
                 at = a[k].reshape(-1, a[k].shape[-1]).double()  # (2B·T, i)
-                G[k] += (gt.T @ gt)
-                A[k] += (at.T @ at)
+                G[k] += gt.T @ gt
+                A[k] += at.T @ at
                 norm[k] += float(mask.sum())
         if progress is not None:
             progress(B)
