@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import functools
-import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from bayesrm.config import LaplaceConfig, TrainConfig
 from bayesrm.data import (
     DataError,
     DataFormat,
@@ -23,13 +24,20 @@ from bayesrm.data import (
     save_pairs,
     split_by_prompt,
 )
-from bayesrm.model import find_model_dir
+from bayesrm.io import check_target
 from bayesrm.progress import progress_bar
+from bayesrm.run import RunDir
 
 app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RMs, Laplace-LoRA, best-of-n.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+_TC = TrainConfig()  # `bayesrm train` defaults are TrainConfig's
+
+
+def _error(message: str) -> None:
+    """One red line on stderr, never wrapped, the message taken literally (no rich markup)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _friendly(fn: F) -> F:
@@ -40,7 +48,10 @@ def _friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (DataError, ValueError, FileNotFoundError, KeyError) as e:
-            console.print(f"[bold red]error:[/] {e}")
+            _error(str(e))
+            raise typer.Exit(2) from None
+        except OSError as e:  # unreadable input, full disk, …: name the path, no traceback
+            _error(f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -96,19 +107,32 @@ def train_cmd(
     head: Annotated[str, typer.Option(help="linear (BT scalar head) | bnrm (Bayesian non-negative head)")] = "linear",
     bnrm_k: Annotated[int, typer.Option(help="BNRM latent factors K")] = 1024,
     bnrm_eta: Annotated[float, typer.Option(help="BNRM KL weight η")] = 1e-5,
-    freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op)")] = False,
-    epochs: int = 1,
-    lr: float = 2e-4,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    warmup_ratio: float = 0.03,
-    margin: float = 0.0,
-    center_coef: float = 0.0,
+    freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op); with the linear "
+                                                       "head this runs on cached features (--feature-cache)")] = False,
+    feature_cache: Annotated[Path | None, typer.Option(help="--freeze-backbone: where backbone features are cached "
+                                                            "(keyed by weights, template, data)")] = Path(
+        ".cache/features"),
+    epochs: Annotated[int, typer.Option(help="passes over the training pairs")] = _TC.epochs,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate")] = _TC.lr,
+    batch_size: Annotated[int, typer.Option(help="pairs per micro-batch")] = _TC.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = _TC.grad_accum,
+    warmup_ratio: Annotated[float, typer.Option(help="fraction of steps with linear warm-up")] = _TC.warmup_ratio,
+    weight_decay: Annotated[float, typer.Option(help="AdamW decoupled weight decay")] = _TC.weight_decay,
+    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0 disables)")] = _TC.max_grad_norm,
+    margin: Annotated[float, typer.Option(help="BT margin m in −log σ(r_w − r_l − m)")] = _TC.margin,
+    center_coef: Annotated[float, typer.Option(help="weight of the reward-centering term")] = _TC.center_coef,
     lora_seed: int = 0,
-    data_seed: int = 0,
+    data_seed: Annotated[int, typer.Option(help="data order and dropout RNG")] = _TC.data_seed,
     split_seed: int = 0,
-    mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = "no",
-    max_steps: int | None = None,
+    group_by_length: Annotated[bool, typer.Option(help="batches of similar length, in random order")] = (
+        _TC.group_by_length),
+    mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = _TC.mixed_precision,
+    dtype: Annotated[str, typer.Option(help="backbone weights dtype: float32 | bfloat16 | float16")] = "float32",
+    eval_batch_size: Annotated[int, typer.Option(help="responses per evaluation batch")] = _TC.eval_batch_size,
+    checkpoint_every: Annotated[int, typer.Option(help="optimizer steps between atomic checkpoints in OUT/checkpoint "
+                                                       "(0: epoch ends only); a killed run continued with --resume "
+                                                       "loses at most this many")] = _TC.checkpoint_every,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many optimizer steps")] = _TC.max_steps,
     limit: Annotated[int | None, typer.Option(help="use only the first N pairs")] = None,
     sample: Annotated[int | None, typer.Option(help="use a random N pairs (seeded by --split-seed)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint")] = False,
@@ -116,10 +140,19 @@ def train_cmd(
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Train a Bradley–Terry LoRA reward model."""
-    from bayesrm.model import RewardModel, RMConfig
-    from bayesrm.train import TrainConfig, train
+    """Train a Bradley–Terry LoRA reward model.
 
+    Under `accelerate launch --num_processes P` / `torchrun` each optimizer step takes P × --batch-size pairs, split
+    over the processes; rank 0 writes the run directory.
+    """
+    from bayesrm import dist
+    from bayesrm.model import RewardModel, RMConfig
+    from bayesrm.train import train
+
+    rank, size = dist.init_from_launcher()
+    if rank:
+        console.quiet = True  # one process reports
+    check_target(out, want_dir=True)  # before any work: a bad --out is one line, not a failure at the end
     pairs = _load(data, format, field, skip_invalid, limit)
     if sample is not None and sample < len(pairs):
         pairs = [pairs[i] for i in sorted(random.Random(split_seed).sample(range(len(pairs)), sample))]
@@ -130,20 +163,35 @@ def train_cmd(
     mc = RMConfig(backbone=backbone, template=template, max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
                   lora_dropout=lora_dropout, lora_seed=lora_seed,
                   target_modules=target_modules.split(",") if target_modules else None,
-                  head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None,
+                  head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None, dtype=dtype,
                   freeze_backbone=freeze_backbone,
                   extra={"train_data": data, "eval_data": eval_data, "split_seed": split_seed})
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
-                     margin=margin, center_coef=center_coef, data_seed=data_seed, mixed_precision=mixed_precision,
-                     max_steps=max_steps)
+                     weight_decay=weight_decay, max_grad_norm=max_grad_norm, margin=margin, center_coef=center_coef,
+                     data_seed=data_seed, group_by_length=group_by_length, mixed_precision=mixed_precision,
+                     eval_batch_size=eval_batch_size, checkpoint_every=checkpoint_every, max_steps=max_steps)
     model = RewardModel(mc)
-    save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
-    save_pairs(eval_pairs, out / "data" / "eval.jsonl")
-    console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint); "
+    if rank == 0:
+        save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
+        save_pairs(eval_pairs, out / "data" / "eval.jsonl")
+    procs = f" in {size} processes (global batch {batch_size * size})" if size > 1 else ""
+    console.print(f"training on {len(train_pairs)} pairs{procs}, evaluating on {len(eval_pairs)} (prompt-disjoint); "
                   f"splits in {out / 'data'}")
-    history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
+    if freeze_backbone and head == "linear" and mixed_precision == "no":  # one backbone pass, then the head
+        from bayesrm.train import train_on_features
+
+        console.print("frozen backbone: training the head on cached features")
+        history = train_on_features(model, train_pairs, tc, out, eval_pairs=eval_pairs, cache_dir=feature_cache,
+                                    log=console.print)
+    else:
+        history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
     _print_metrics("final", history[-1])
     console.print(f"model saved to {out / 'model'}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    """A number formatted with `spec`, or 'n/a' for an undefined (None) one."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _print_metrics(title: str, row: dict[str, Any]) -> None:
@@ -155,44 +203,74 @@ def _print_metrics(title: str, row: dict[str, Any]) -> None:
     console.print(t)
 
 
+_LA = LaplaceConfig()  # defaults of the options below
+
+
 @app.command("laplace")
 @_friendly
 def laplace_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="trained model (run dir or model dir)")],
-    data: Annotated[str, typer.Argument(help="the pairs the model was trained on")],
+    model_dir: Annotated[Path, typer.Argument(help="trained run (or model) directory")],
+    data: Annotated[str | None, typer.Argument(help="the pairs the model was trained on (default: the training "
+                                                    "split `train` saved in RUN/data/train.jsonl)")] = None,
     val_data: Annotated[str | None, typer.Option(help="validation pairs (for --tau-method val_nll)")] = None,
-    kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = "pair",
-    subset: Annotated[str, typer.Option(help="lora (Laplace-LoRA) | head (last-layer baseline)")] = "lora",
-    tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = "marglik",
-    prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = "layerwise",
-    prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = 1.0,
-    rank: Annotated[int | None, typer.Option(help="rank of large (≥ --lowrank-threshold) factors")] = None,
-    lowrank_threshold: int = 2048,
-    batch_size: int = 8,
+    kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = (
+        _LA.kfac),
+    subset: Annotated[str, typer.Option(help="lora (Laplace-LoRA) | head (last-layer baseline)")] = _LA.subset,
+    tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = _LA.tau_method,
+    prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = _LA.prior_structure,
+    prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = _LA.prior_precision,
+    rank: Annotated[int | None, typer.Option(help="rank of large (≥ --lowrank-threshold) factors")] = _LA.rank,
+    lowrank_threshold: int = _LA.lowrank_threshold,
+    batch_size: int = _LA.batch_size,
     limit: int | None = None,
     format: FormatOpt = DataFormat.AUTO.value,
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision."""
-    from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
-    from bayesrm.model import RewardModel
+    """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision.
 
-    model = RewardModel.load(model_dir)
+    The likelihood is the one the run was trained with (margin, centering: read from RUN/train_config.json).
+    Under `accelerate launch` / `torchrun` each process accumulates the factors of its share of the pairs (one
+    all-reduce sums them); rank 0 tunes τ and saves.
+    """
+    import torch
+
+    from bayesrm import dist
+
+    proc, world = dist.init_from_launcher()  # (`rank` is the factors' rank option)
+    if proc:
+        console.quiet = True  # one process reports
+    run = RunDir.of(model_dir)
+    if not run.has_model:
+        raise FileNotFoundError(f"{model_dir}: no trained model here (train one with `bayesrm train`)")
+    if data is None:
+        if not run.train_split.exists():
+            raise FileNotFoundError(f"{model_dir}: no saved training split ({run.train_split}); pass the pairs the "
+                                    "model was trained on as DATA")
+        data = str(run.train_split)
     pairs = _load(data, format, field, skip_invalid, limit)
     val = _load(val_data, format, field, skip_invalid) if val_data else []
+    from bayesrm.laplace import fit_laplace
+    from bayesrm.model import RewardModel
+
     cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
                         prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
-                        batch_size=batch_size)
-    with progress_bar("KFAC fit (pairs)", len(pairs), console) as advance:
-        post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
-    dest = find_model_dir(model_dir) / POSTERIOR_DIR
-    post.save(dest)
-    taus = sorted(post.tau.values())
-    console.print(f"posterior saved to {dest}; τ ({cfg.tau_method}, {cfg.prior_structure}): "
-                  f"min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, max {taus[-1]:.4g}; "
-                  f"log marginal likelihood {post.log_marginal_likelihood():.2f}")
+                        batch_size=batch_size).for_training(run.train_config())
+    device = None
+    if world > 1 and torch.cuda.is_available():
+        from accelerate import PartialState
 
+        device = PartialState().device  # this rank's GPU
+    model = RewardModel.load(run.model_dir, device=device)
+    with progress_bar("KFAC fit (pairs)", len(dist.shard(pairs)), console) as advance:
+        post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
+    if proc == 0:
+        post.save(run.posterior_dir)
+    dist.barrier()
+    taus = sorted(post.tau.values())
+    console.print(f"posterior (fitted on {len(pairs)} pairs of {data}) saved to {run.posterior_dir}; "
+                  f"τ ({cfg.tau_method}, {cfg.prior_structure}): min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, "
+                  f"max {taus[-1]:.4g}; log marginal likelihood {post.log_marginal_likelihood():.2f}")
 
 
 @app.command("eval")
@@ -209,16 +287,32 @@ def eval_cmd(
 ) -> None:
     """Accuracy, NLL and ECE for MAP (and Laplace when a posterior exists); OOD AUROC of σ."""
     from bayesrm.experiment import pair_eval
-    from bayesrm.io import atomic_write_json
-    from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
+    from bayesrm.io import atomic_write_json, json_text
+    from bayesrm.laplace import LaplacePosterior
     from bayesrm.metrics import auroc
     from bayesrm.model import RewardModel
 
-    model = RewardModel.load(model_dir)
+    if json_out:
+        check_target(json_out)
     pairs = _load(data, format, field, skip_invalid, limit)
-    post_dir = find_model_dir(model_dir) / POSTERIOR_DIR
-    post = LaplacePosterior.load(post_dir) if (post_dir / "posterior.json").exists() else None
+    run = RunDir.of(model_dir)
+    model = RewardModel.load(run.model_dir)
+    found = run.find_posterior()
+    post = LaplacePosterior.load(found, model) if found is not None else None  # checked against the model
+    if post is not None:
+        seen = post.fitted_fraction(pairs)
+        if seen:
+            console.print(f"[bold yellow]warning:[/] {seen:.0%} of the pairs in {data} were used to fit the "
+                          "posterior: these metrics are in-sample")
     row = pair_eval(model, pairs, post)
+    if len({p.prompt for p in pairs}) > 1:  # does the model read the prompt? (own vs a swapped prompt)
+        from bayesrm.sensitivity import measure_prompt_sensitivity
+
+        def predict(prompts: list[str], responses: list[str]) -> tuple[Any, Any]:
+            return post.predict(model, prompts, responses) if post else (model.score(prompts, responses), None)
+
+        sens = measure_prompt_sensitivity(predict, [p.prompt for p in pairs], [p.chosen for p in pairs])
+        row |= {f"prompt_{k}": v for k, v in sens.items() if k != "n"}
     if ood:
         if post is None:
             raise ValueError("--ood needs a Laplace posterior: run `bayesrm laplace` first")
@@ -230,108 +324,7 @@ def eval_cmd(
     _print_metrics(f"{model_dir} on {data}", row)
     if json_out:
         atomic_write_json(json_out, row)
-    print(json.dumps(row))
-
-
-def _score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[dict[str, Any]]:
-    """Rows of a `score` input, each checked to hold text in the prompt and response fields."""
-    for line, row in iter_rows(input):
-        for f in (prompt_field, response_field):
-            if not isinstance(row.get(f), str):
-                raise DataError("missing or not text", file=input, line=line, field=f)
-        yield row
-
-
-def _add_scores(scorer: Any, rows: list[dict[str, Any]], fields: tuple[str, str],
-                progress: Callable[[int], None] | None = None) -> None:
-    """Add `reward` to each row and, for uncertainty specs, reward_std, reward_var, reward_penalized and penalty."""
-    if not rows:
-        return
-    scores = scorer.score([r[fields[0]] for r in rows], [r[fields[1]] for r in rows], progress=progress)
-    for r, s in zip(rows, scores.rows(), strict=True):
-        r["reward"] = s["reward"]
-        if scorer.spec.family.value != "map":
-            std = s["std"]
-            if std is not None:
-                r |= {"reward_std": std, "reward_var": std**2}
-            r |= {"reward_penalized": s["selection"], "penalty": str(scorer.spec)}
-
-
-def _score_device(device: str, index: int) -> str | None:
-    """`--device auto`: GPU index mod #GPUs when CUDA is available, else None (CPU); anything else as given."""
-    import torch
-
-    if device != "auto":
-        return device
-    return f"cuda:{index % torch.cuda.device_count()}" if torch.cuda.is_available() else None
-
-
-def _score_shard(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], index: int, num: int,
-                 batch_size: int, device: str | None) -> None:
-    """Score rows of shard `index` of `num` into its shard file (skipped if that file exists)."""
-    import itertools
-    import time
-
-    from bayesrm import shard as sh
-    from bayesrm.scoring import Scorer
-
-    total = sum(1 for _ in _score_rows(input, *fields))
-    sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num))
-    if sh.shard_path(out, index, num).exists():
-        console.print(f"shard {index}/{num} already done")
-        return
-    span, t0 = sh.shard_range(total, index, num), time.perf_counter()
-    rows = list(itertools.islice(_score_rows(input, *fields), span.start, span.stop))
-    _add_scores(Scorer.load(model_dir, spec, device=device, batch_size=batch_size), rows, fields)
-    sh.write_shard(out, index, num, rows)
-    console.print(f"shard {index}/{num}: {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
-
-
-def _score_parallel(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], num: int,
-                    batch_size: int, threads: int | None, device: str) -> None:
-    """Score `num` shards in `num` processes, then merge in input order.
-
-    This process scores the first unfinished shard itself and starts `bayesrm score --shard i/num` for the others.
-    """
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    import torch
-
-    from bayesrm import shard as sh
-
-    total = sum(1 for _ in _score_rows(input, *fields))  # every row is checked before any worker starts
-    if sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num), discard=True):
-        console.print(f"discarded shards of a different earlier run in {sh.shard_dir(out)}")
-    todo = sh.pending_shards(out, num)
-    if len(todo) < num:
-        console.print(f"{num - len(todo)} of {num} shards already done")
-    t = threads or sh.threads_per_process(max(len(todo), 1))
-    env = os.environ | {"OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t), "RAYON_NUM_THREADS": str(t)}
-    base = [sys.executable, "-m", "bayesrm", "score", str(model_dir), input, "--out", str(out), "--spec", spec,
-            "--batch-size", str(batch_size), "--prompt-field", fields[0], "--response-field", fields[1],
-            "--threads", str(t)]
-    procs = {i: subprocess.Popen([*base, "--shard", f"{i}/{num}", "--device", _score_device(device, i) or "cpu"],
-                                 env=env) for i in todo[1:]}
-    try:
-        if todo:
-            torch.set_num_threads(t)
-            _score_shard(model_dir, input, out, spec, fields, todo[0], num, batch_size, _score_device(device, todo[0]))
-        codes = {i: p.wait() for i, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
-    failed = {i: c for i, c in codes.items() if c != 0}
-    if failed:
-        raise ValueError(f"shards {sorted(failed)} of {num} failed (exit codes {sorted(set(failed.values()))}); "
-                         "rerun the same command to redo only unfinished shards")
-    rows = sh.merge_shards(out, num, total)
-    shutil.rmtree(sh.shard_dir(out))
-    console.print(f"wrote {rows} scored rows to {out} ({num} shards)")
+    print(json_text(row, "<stdout>"))
 
 
 @app.command("score")
@@ -361,8 +354,6 @@ def score_cmd(
 
     Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) each rank scores its shard and rank 0 merges.
     """
-    import shutil
-
     import torch
 
     from bayesrm import shard as sh
@@ -375,30 +366,54 @@ def score_cmd(
     if num_processes < 1 or (shard is not None and num_processes > 1):
         raise ValueError("--num-processes must be ≥ 1 and cannot be combined with --shard")
     spec = str(parse_spec(f"la:{penalty}:k={k}" if uncertainty else (spec or "map")))
+    check_target(out)
     fields = (prompt_field, response_field)
     if threads:
         torch.set_num_threads(threads)
     ranked = sh.launcher_rank() if shard is None and num_processes == 1 else None
     if shard is not None:
         i, n = sh.parse_shard(shard)
-        _score_shard(model_dir, input, out, spec, fields, i, n, batch_size, _score_device(device, i))
+        sh.score_shard(model_dir, input, out, spec, fields, i, n, batch_size, sh.score_device(device, i), console.print)
     elif ranked is not None:
-        rank, world, local = ranked
-        _score_shard(model_dir, input, out, spec, fields, rank, world, batch_size, _score_device(device, local))
-        if rank == 0:
-            sh.wait_for_shards(out, world)
-            merged = sh.merge_shards(out, world)
-            shutil.rmtree(sh.shard_dir(out))
-            console.print(f"wrote {merged} scored rows to {out} ({world} ranks)")
+        sh.score_ranked(model_dir, input, out, spec, fields, *ranked, batch_size, device, console.print)
     elif num_processes > 1:
-        _score_parallel(model_dir, input, out, spec, fields, num_processes, batch_size, threads, device)
+        sh.score_parallel(model_dir, input, out, spec, fields, num_processes, batch_size, threads, device,
+                          console.print)
     else:
-        rows = list(_score_rows(input, *fields))
-        scorer = Scorer.load(model_dir, spec, device=_score_device(device, 0), batch_size=batch_size)
+        rows = list(sh.score_rows(input, *fields))
+        scorer = Scorer.load(model_dir, spec, device=sh.score_device(device, 0), batch_size=batch_size)
         with progress_bar("scoring", len(rows), console) as advance:
-            _add_scores(scorer, rows, fields, advance)
+            sh.add_scores(scorer, rows, fields, advance)
         write_jsonl(out, rows)
         console.print(f"wrote {len(rows)} scored rows to {out}")
+
+
+@app.command("standardize")
+@_friendly
+def standardize_cmd(
+    ensemble_dir: Annotated[Path, typer.Argument(help="ensemble directory (manifest.json + member_i/)")],
+    reference: Annotated[str, typer.Argument(help="reference responses: rows with prompt and response (e.g. "
+                                                  "samples of the policy you will select from), or pairs")],
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    limit: Annotated[int, typer.Option(help="use at most this many reference responses")] = 1000,
+    batch_size: int = 32,
+) -> None:
+    """Fit and store each member's standardisation statistics (mean, std) on a reference set (ens:/la-ens: specs)."""
+    from bayesrm.ensemble import fit_standardization, reference_responses
+
+    first = next(iter_rows(reference), (0, {}))[1]
+    if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):  # pairs: both sides
+        prompts, responses = reference_responses(_load(reference, DataFormat.AUTO.value, None, False), limit)
+    else:
+        from bayesrm.shard import score_rows
+
+        checked = list(score_rows(reference, prompt_field, response_field))[:limit]
+        prompts, responses = [r[prompt_field] for r in checked], [r[response_field] for r in checked]
+    mean, std = fit_standardization(ensemble_dir, prompts, responses, source=f"{reference} ({len(responses)})",
+                                    batch_size=batch_size)
+    console.print(f"{ensemble_dir}: standardisation on {len(responses)} responses of {reference}: "
+                  f"mean {[round(float(m), 4) for m in mean]}, std {[round(float(s), 4) for s in std]}")
 
 
 @app.command("bon")
@@ -489,12 +504,13 @@ def explain_cmd(
     skip_invalid: SkipOpt = False,
 ) -> None:
     """BNRM factors: the top-k by Φ, each with the responses whose θ loads most on it (and their lengths)."""
-    from bayesrm.bnrm import explain_factors
+    from bayesrm.explain import explain_factors
     from bayesrm.io import atomic_write_json
     from bayesrm.model import RewardModel
 
     model = RewardModel.load(model_dir)
-    model.bnrm_head  # noqa: B018 - fail before loading data when the head is linear
+    if not model.head.has_moments:  # fail before loading data when the head is linear
+        raise ValueError(f"{model_dir}: factor explanations need a BNRM model (train with --head bnrm)")
     first = next(iter_rows(data), (0, {}))[1]
     if "response" in first and "chosen" not in first:
         rows = [r for _, r in iter_rows(data)][:limit]
@@ -507,7 +523,7 @@ def explain_cmd(
                   f"{rep['active_theta']} a θ > 0 on some response")
     for f in rep["factors"]:
         t = Table(title=f"factor {f['factor']}: Φ={f['phi']:.4g}, mean θ={f['mean_theta']:.4g}, "
-                        f"active {f['active_frac']:.0%}, r(θ, words)={f['length_corr']:.2f}")
+                        f"active {f['active_frac']:.0%}, r(θ, words)={_fmt(f['length_corr'], '.2f')}")
         for col in ("θ", "words", "prompt", "response"):
             t.add_column(col, justify="right" if col in ("θ", "words") else "left")
         for x in f["top"]:
@@ -536,6 +552,13 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="cpu | cuda:0 … (default: where the model loads)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (warning: no access log)")] = "info",
+    max_queue_s: Annotated[float | None, typer.Option(help="a request not being scored after this long gets 503 "
+                                                           "+ Retry-After (default: ServeConfig's)")] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(help="a request not answered after this long gets 504 "
+                                                                 "+ Retry-After (default: ServeConfig's)")] = None,
+    header_timeout_s: Annotated[float | None, typer.Option(help="close connections that have not sent complete "
+                                                                "headers after this long (default: ServeConfig's)")
+                                ] = None,
 ) -> None:
     """HTTP scoring server: POST /v1/score {prompt, responses} → reward, std, selection; /health, /metrics."""
     import torch
@@ -544,10 +567,12 @@ def serve_cmd(
 
     if threads:
         torch.set_num_threads(threads)
+    limits: dict[str, Any] = {k: v for k, v in (("max_queue_s", max_queue_s), ("request_timeout_s", request_timeout_s),
+                                ("header_timeout_s", header_timeout_s)) if v is not None}
     serve(model_dir, ServeConfig(host=host, port=port, spec=spec, max_batch_responses=max_batch,
                                  max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_responses=max_responses,
                                  max_tokens=max_tokens, api_key_env=api_key_env, batch_size=batch_size,
-                                 log_level=log_level),
+                                 log_level=log_level, **limits),
           device=device)
 
 
@@ -619,6 +644,9 @@ def overopt_cmd(
         if s not in STAGES:
             raise ValueError(f"--stage: {s!r} is not one of {list(STAGES)}")
         STAGES[s](cfg, log=console.print)
+
+
+import bayesrm.cli_fast  # noqa: E402, F401 - registers `heads` and `select` on `app`
 
 
 def main() -> None:  # pragma: no cover

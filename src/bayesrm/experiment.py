@@ -7,7 +7,6 @@ model on a disjoint set of evaluation prompts, then the unbiased BoN estimator f
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -19,16 +18,17 @@ import torch
 
 from bayesrm.bon import BonCurve, bon_curve, default_ns
 from bayesrm.data import Pair, save_pairs, split_prompts
-from bayesrm.ensemble import train_ensemble
+from bayesrm.ensemble import save_standardization, train_ensemble
 from bayesrm.gold import RewardModelGold, label_pairs_from_gold
 from bayesrm.io import atomic_path, atomic_write_json, atomic_write_text
-from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, LaplacePosterior, fit_laplace
+from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.objectives import parse_spec, reference_stats, standardize, standardize_var
 from bayesrm.pool import NULL_MODELS, Pool, alpaca_eval_pool, load_pool
 from bayesrm.progress import progress_bar
-from bayesrm.train import MODEL_DIR, TrainConfig, reward_deltas
+from bayesrm.run import RunDir
+from bayesrm.train import TrainConfig, reward_deltas
 
 
 @dataclass
@@ -152,17 +152,18 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     means, variances, member_info = [], [], []
     calib: dict[str, dict[str, float]] = {}
     member_dirs = train_ensemble(cfg.model, cfg.train, train_pairs, out / "proxy", members=cfg.members,
-                                 eval_pairs=val_pairs, log=log)  # resumable; seeds lora_seed + i, data_seed + i
+                                 eval_pairs=val_pairs, log=log, standardize_on_train=False)  # resumable
     for i, mdir in enumerate(member_dirs):
         model = RewardModel.load(mdir)
-        post_dir = mdir / MODEL_DIR / POSTERIOR_DIR  # next to the model, where `bayesrm laplace` puts it
-        if (post_dir / "posterior.json").exists():
-            post = LaplacePosterior.load(post_dir)
+        run = RunDir.of(mdir)
+        if run.find_posterior() is not None:
+            post = LaplacePosterior.load(run.require_posterior(), model)  # checked against the model
         else:
             log(f"member {i}: fitting Laplace-LoRA on {len(train_pairs)} pairs")
             with progress_bar("laplace fit (pairs)", len(train_pairs)) as advance:
-                post = fit_laplace(model, train_pairs, cfg.laplace, val_pairs=val_pairs, progress=advance)
-            post.save(post_dir)
+                post = fit_laplace(model, train_pairs, cfg.laplace.for_training(asdict(cfg.train)), val_pairs=val_pairs,
+                                   progress=advance)
+            post.save(run.posterior_dir)
         taus = sorted(post.tau.values())
         member_info.append({"member": i, "lora_seed": model.config.lora_seed,
                             "data_seed": model.config.extra.get("data_seed"),
@@ -182,8 +183,12 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     M = torch.as_tensor(np.stack(means))  # (members, N)
     V = torch.as_tensor(np.stack(variances))  # (members, N)
     # BT rewards are defined up to a shift (and each member has its own scale): ensemble specs see members
-    # standardised on the evaluation pool, the reference policy's samples, with σ scaled alike (note §8)
+    # standardised on the evaluation pool, the reference policy's samples, with σ scaled alike (note §8). The
+    # statistics go into the ensemble's manifest, so `score`/`serve`/TRL on out/proxy give these same numbers.
     ref_mean, ref_std = reference_stats(M)
+    if cfg.members > 1:
+        save_standardization(out / "proxy", ref_mean.tolist(), ref_std.tolist(),
+                             source=f"BoN evaluation pool ({M.shape[1]} reference-policy samples)")
     M_std, V_std = standardize(M, ref_mean, ref_std), standardize_var(V, ref_std)
     gold = eval_pool.gold
     assert gold is not None
@@ -219,7 +224,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     return results
 
 
-def _within_prompt_corr(proxy: list[list[float]], gold: list[list[float]]) -> float:
+def _within_prompt_corr(proxy: list[list[float]], gold: list[list[float]]) -> float | None:
     """Mean over prompts of the Spearman correlation between proxy and gold within a pool (note §8)."""
     from scipy.stats import spearmanr
 
@@ -227,10 +232,10 @@ def _within_prompt_corr(proxy: list[list[float]], gold: list[list[float]]) -> fl
     for p, g in zip(proxy, gold, strict=True):
         if np.std(p) > 0 and np.std(g) > 0:
             vals.append(float(spearmanr(p, g).statistic))
-    return float(np.mean(vals)) if vals else math.nan
+    return float(np.mean(vals)) if vals else None  # undefined: no pool with spread in both
 
 
-def results_table(curves: list[BonCurve], corr: float) -> str:
+def results_table(curves: list[BonCurve], corr: float | None) -> str:
     """Markdown table: gold at n=1, at the largest n, and the best gold with its KL, per method."""
     lines = ["| method | gold n=1 | gold n=max (KL) | best gold (KL) | proxy n=max |", "|---|---|---|---|---|"]
     for c in curves:
@@ -238,7 +243,8 @@ def results_table(curves: list[BonCurve], corr: float) -> str:
         lines.append(f"| {c.name} | {c.gold[0]:.4f} | {c.gold[-1]:.4f} ± {(c.gold_hi[-1] - c.gold_lo[-1]) / 2:.4f} "
                      f"({c.kl[-1]:.2f}) | {c.gold[b]:.4f} ({c.kl[b]:.2f}) | {c.proxy[-1]:.3f} |")
     lines.append("")
-    lines.append(f"Within-prompt Spearman(proxy MAP, gold) on the evaluation pools: {corr:.3f}")
+    lines.append("Within-prompt Spearman(proxy MAP, gold) on the evaluation pools: "
+                 + ("n/a" if corr is None else f"{corr:.3f}"))
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,13 @@ The posterior over every LoRA tensor θ_m (each `lora_A` and `lora_B` weight) is
 precision P_m = G_m ⊗ A_m / T + τ_m I (a Kronecker factorisation of the BT GGN; see `kfac_factors`), stored
 as eigendecompositions, optionally rank-k on the large side. Rewards are predicted with the linearised model:
 r ~ N(r_MAP, J Σ Jᵀ), computed from one forward and one backward pass with hooks, never forming J.
-`subset="head"` is a last-layer baseline: the exact GGN over the scalar head's [w, b] with full covariance,
-stored as the single block 1 ⊗ GGN so that every formula below applies unchanged.
+`subset="head"` is a last-layer baseline: the exact GGN over the scalar head's weight w with full covariance,
+stored as the single block 1 ⊗ GGN so that every formula below applies unchanged (the head bias is frozen at 0:
+BT sees only differences, so it is not a parameter).
+
+The likelihood is the one the model was trained with: p = σ(Δ − m) with a margin m, and the reward-centering
+term c·(r_w + r_l)² adds its own curvature 2c·J_s J_sᵀ with J_s = J_w + J_l (`LaplaceConfig.margin`,
+`center_coef`; `bayesrm laplace RUN` reads both from the run's train_config.json).
 
 Spectral bookkeeping: each factor is kept as k eigenpairs plus a "complement" of the remaining d − k
 directions with one shared eigenvalue ρ (0, or the trace-preserving mean of the dropped eigenvalues). The
@@ -21,53 +26,31 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bayesrm.data import Pair
-from bayesrm.io import atomic_dir
+from bayesrm import dist
+from bayesrm.batching import pair_batches, scoring_batches
+from bayesrm.config import KFACVariant, LaplaceConfig, PriorStructure, Subset, TauMethod
+from bayesrm.data import DataError, Pair, pair_hash, pairs_fingerprint
+from bayesrm.integrity import (
+    CHECKSUMS_KEY,
+    load_tensors,
+    require_finite,
+    require_positive,
+    tensor_checksums,
+    verify_checksums,
+)
+from bayesrm.io import atomic_dir, json_text
+from bayesrm.losses import bt_ggn_weight, pair_nll
 from bayesrm.model import RewardModel
-from bayesrm.templates import collate, length_sorted_batches
+from bayesrm.run import POSTERIOR_META, RunDir
 
-POSTERIOR_DIR = "laplace"
-HEAD_KEY = "head"  # block name of the head-only posterior over [head.weight, head.bias]
-
-
-class KFACVariant(str, Enum):
-    """How per-token curvature is collapsed into Kronecker factors (Eschenhagen et al. 2023)."""
-
-    PAIR = "pair"  # factorise each pair's exact J_Δ: G = Σ Λ J_Δ J_Δᵀ, A = Σ Λ J_Δᵀ J_Δ / Σ Λ‖J_Δ‖² (default)
-    REDUCE = "reduce"  # one row per response: ĝ = Σ_t g_t, ā = mean_t a_t
-    EXPAND = "expand"  # one row per token: G = Σ g gᵀ, A = mean over real tokens of a aᵀ
-
-
-class PriorStructure(str, Enum):
-    """Prior precision τ shared by all tensors or one per tensor."""
-
-    GLOBAL = "global"
-    LAYERWISE = "layerwise"
-
-
-class Subset(str, Enum):
-    """Which parameters the posterior covers."""
-
-    LORA = "lora"  # every LoRA A/B tensor, KFAC blocks (Laplace-LoRA)
-    HEAD = "head"  # the scalar head's [weight, bias] only, exact GGN, full covariance (last-layer Laplace)
-
-
-class TauMethod(str, Enum):
-    """How the prior precision is chosen."""
-
-    MARGLIK = "marglik"  # maximise the Laplace log marginal likelihood (exact 1-D optimisation per τ)
-    MACKAY = "mackay"  # MacKay's fixed point τ = γ / ‖θ* − μ0‖²
-    VAL_NLL = "val_nll"  # grid over log τ minimising validation NLL of the probit predictive
-    FIXED = "fixed"  # keep the given value
+HEAD_KEY = "head"  # block name of the head-only posterior over head.weight
 
 
 # --------------------------------------------------------------------------- pure maths
@@ -208,29 +191,26 @@ def _batch_jacobians(model: RewardModel, modules: dict[str, nn.Linear], x: torch
 
 
 def head_features(model: RewardModel, x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards (B,) and the head's exact Jacobian φ = [features, 1] (B, d+1), since r = wᵀf + b (§7)."""
+    """Rewards (B,) and the head's exact Jacobian φ = f (B, d) w.r.t. w, since r = wᵀf + b with b frozen (§7)."""
     head = _require_linear_head(model)
     with torch.no_grad():
         f = _up(model.features(x, m))  # (B, d)
         r = _up(head(f.to(head.weight.dtype))).squeeze(-1)  # (B,)
-    return r, torch.cat([f, torch.ones_like(f[:, :1])], dim=-1)
+    return r, f
 
 
 def head_theta(model: RewardModel) -> torch.Tensor:
-    """The head's parameters as one (1, d+1) row [w, b], the variable of the head-only posterior (r = [w, b]·φ)."""
-    head = _require_linear_head(model)
-    return torch.cat([head.weight, head.bias.unsqueeze(-1)], dim=-1).detach()
+    """The head's weight as one (1, d) row, the variable of the head-only posterior (r = w·φ + b, b frozen)."""
+    return _require_linear_head(model).weight.detach()
 
 
-def _pair_batches(model: RewardModel, pairs: Sequence[Pair], batch_size: int
-                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(B, input_ids, mask) per chunk of B pairs: rows 0..B−1 chosen, B..2B−1 rejected, on the model's device."""
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        prompts = [p.prompt for p in chunk]
-        ids = model.encode(prompts, [p.chosen for p in chunk]) + model.encode(prompts, [p.rejected for p in chunk])
-        x, m = collate(ids, model.pad_id)  # (2B, T)
-        yield len(chunk), x.to(model.device), m.to(model.device)
+def head_prior_mean(model: RewardModel, cfg: LaplaceConfig) -> torch.Tensor:
+    """Prior mean of the head weight: its initialisation under prior_mean='init' (as for LoRA A), else 0 (§5)."""
+    init = getattr(model, "head_init", None)
+    theta = head_theta(model)
+    if cfg.prior_mean == "init" and init is not None:
+        return init.detach().double().cpu().reshape(theta.shape)
+    return torch.zeros_like(theta, dtype=torch.double, device="cpu")
 
 
 # --------------------------------------------------------------------------- posterior
@@ -260,23 +240,6 @@ class KronBlock:
         return spectrum_grid(self.g_vals, o, self.g_rho, self.a_vals, i, self.a_rho)
 
 
-@dataclass
-class LaplaceConfig:
-    """Settings of the post-hoc Laplace fit."""
-
-    subset: str = Subset.LORA.value  # lora (KFAC over LoRA tensors) | head (exact GGN over the head, baseline)
-    kfac: str = KFACVariant.PAIR.value  # pair | reduce | expand (pair keeps the w/l cross term; see kfac_factors)
-    rank: int | None = None  # keep this many eigenpairs of factors larger than `lowrank_threshold`
-    lowrank_threshold: int = 2048  # factor side from which `rank` applies (hidden ≥ 2048)
-    trace_complement: bool = True  # give dropped directions the mean dropped eigenvalue instead of 0
-    prior_structure: str = PriorStructure.LAYERWISE.value  # global | layerwise
-    tau_method: str = TauMethod.MARGLIK.value  # marglik | mackay | val_nll | fixed
-    prior_precision: float = 1.0  # initial / fixed τ
-    prior_mean: str = "init"  # "init": A at its LoRA initialisation, B at 0 (laplace-lora.md §5); "zero"
-    temperature: float = 1.0  # T in P = GGN/T + τ
-    batch_size: int = 8  # pairs per fit batch
-
-
 class LaplacePosterior:
     """Kronecker-factored Laplace posterior over a reward model's LoRA weights (or its head: `cfg.subset`)."""
 
@@ -287,6 +250,22 @@ class LaplacePosterior:
         self.log_lik = log_lik
         self.tau: dict[str, float] = {k: cfg.prior_precision for k in blocks}
         self._grids = {k: b.grid() for k, b in blocks.items()}
+        self.head: torch.Tensor | None = None  # the model's head weight at the fit (check_matches compares it)
+        self.source: Path | None = None  # the directory it was loaded from (named in errors)
+        self.fitted_pairs: torch.Tensor | None = None  # (n_data,) int64 `pair_hash` of each pair it was fitted on
+        self.data_fingerprint: str | None = None  # `pairs_fingerprint` of those pairs
+
+    def record_data(self, pairs: Sequence[Pair]) -> None:
+        """Remember which pairs the posterior was fitted on (hashes), so evaluation can refuse to be in-sample."""
+        self.fitted_pairs = torch.tensor([pair_hash(p) for p in pairs], dtype=torch.int64)
+        self.data_fingerprint = pairs_fingerprint(pairs)
+
+    def fitted_fraction(self, pairs: Sequence[Pair]) -> float | None:
+        """Fraction of `pairs` that the posterior was fitted on (None when it did not record them)."""
+        if self.fitted_pairs is None or not pairs:
+            return None
+        seen = set(self.fitted_pairs.tolist())
+        return sum(pair_hash(p) in seen for p in pairs) / len(pairs)
 
     # ------------------------------------------------------------------ evidence
     def scatter(self) -> dict[str, float]:
@@ -393,6 +372,10 @@ class LaplacePosterior:
         assert total is not None
         return total, S_all
 
+    def jacobian_variance(self, Js: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Var = J Σ Jᵀ per row from Jacobians per block, (B, o, i) each (§7), and the τ-independent grids S."""
+        return self._variance_from(Js, None)
+
     def predict(self, model: RewardModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Linearised predictive N(r_MAP, J Σ Jᵀ) per response (§7): (mean (N,), var (N,)) in input order."""
@@ -403,9 +386,8 @@ class LaplacePosterior:
         """`predict` on already tokenised inputs (e.g. shared by the members of an ensemble)."""
         model.eval()
         mean, var = torch.empty(len(ids), dtype=torch.double), torch.empty(len(ids), dtype=torch.double)
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], model.pad_id)
-            r, J = self.jacobians(model, x.to(model.device), m.to(model.device))
+        for idx, x, m in scoring_batches(ids, batch_size, model.pad_id, model.device):
+            r, J = self.jacobians(model, x, m)
             v, _ = self._variance_from(J, None)
             mean[idx], var[idx] = r.double().cpu(), v.double().cpu()
             if progress is not None:
@@ -418,7 +400,7 @@ class LaplacePosterior:
         model.eval()
         mus: list[torch.Tensor] = []
         Ss: dict[str, list[torch.Tensor]] = {k: [] for k in self.blocks}
-        for B, x, m in _pair_batches(model, pairs, batch_size):
+        for B, x, m in pair_batches(model, pairs, batch_size):
             r, J = self.jacobians(model, x, m)
             rows = torch.stack([torch.arange(B), torch.arange(B, 2 * B)])
             _, S = self._variance_from(J, rows)
@@ -441,44 +423,103 @@ class LaplacePosterior:
 
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"config": asdict(self.cfg), "n_data": self.n_data, "log_lik": self.log_lik,
-                                "tau": self.tau, "blocks": {}, "format_version": 1}
+                                "tau": self.tau, "blocks": {}, "format_version": 2,
+                                "data_fingerprint": self.data_fingerprint}
+        if self.fitted_pairs is not None:
+            tensors["fitted_pairs"] = self.fitted_pairs.contiguous()
         for i, (k, b) in enumerate(self.blocks.items()):
-            for f in ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0"):
+            for f in _TENSORS:
                 tensors[f"{i}.{f}"] = getattr(b, f).contiguous()
             meta["blocks"][k] = {"index": i, "g_rho": b.g_rho, "a_rho": b.a_rho}
+        if self.head is not None and HEAD_KEY not in self.blocks:
+            tensors[HEAD_KEY] = self.head.contiguous()
         with atomic_dir(path) as tmp:
-            save_file(tensors, str(tmp / "posterior.safetensors"))
-            (tmp / "posterior.json").write_text(json.dumps(meta, indent=2) + "\n")
+            save_file(tensors, str(tmp / POSTERIOR_FILE))
+            meta[CHECKSUMS_KEY] = tensor_checksums(tmp)
+            (tmp / POSTERIOR_META).write_text(json_text(meta, Path(path) / POSTERIOR_META, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> LaplacePosterior:
-        """Load a posterior written by `save`."""
-        from safetensors.torch import load_file
-
+    def load(cls, path: str | Path, model: RewardModel | None = None) -> LaplacePosterior:
+        """Load, verify (checksums, finite tensors, shapes, eigenvalues ≥ 0, τ > 0) and, given `model`, check it."""
         p = Path(path)
-        if not (p / "posterior.json").exists() and (p / POSTERIOR_DIR / "posterior.json").exists():
-            p = p / POSTERIOR_DIR
-        if not (p / "posterior.json").exists():
-            raise FileNotFoundError(f"{p}: no Laplace posterior (posterior.json) here; run `bayesrm laplace` first")
-        meta = json.loads((p / "posterior.json").read_text())
-        t = load_file(str(p / "posterior.safetensors"))
-        blocks = {}
-        for k, info in meta["blocks"].items():
-            i = info["index"]
-            blocks[k] = KronBlock(t[f"{i}.g_vals"], t[f"{i}.g_vecs"], info["g_rho"], t[f"{i}.a_vals"],
-                                  t[f"{i}.a_vecs"], info["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
-        post = cls(blocks, LaplaceConfig(**meta["config"]), meta["n_data"], meta["log_lik"])
-        post.tau = {k: float(v) for k, v in meta["tau"].items()}
+        if not (p / POSTERIOR_META).exists():  # a run or model directory: its posterior
+            p = RunDir.of(p).find_posterior() or p
+        meta_file, tensor_file = p / POSTERIOR_META, p / POSTERIOR_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{p}: no Laplace posterior ({POSTERIOR_META}) here; run `bayesrm laplace` first")
+        try:
+            meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+            verify_checksums(p, meta, meta_file, required=(POSTERIOR_FILE,))
+            t = load_tensors(tensor_file)
+            require_finite(t, tensor_file)
+            blocks = {}
+            for k, info in meta["blocks"].items():
+                i = info["index"]
+                rho = {r: require_positive(info[r], f"block {k}: {r}", meta_file, allow_zero=True)
+                       for r in ("g_rho", "a_rho")}
+                blk = KronBlock(t[f"{i}.g_vals"], t[f"{i}.g_vecs"], rho["g_rho"], t[f"{i}.a_vals"],
+                                t[f"{i}.a_vecs"], rho["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
+                _check_block(k, blk, tensor_file)
+                blocks[k] = blk
+            cfg = LaplaceConfig(**meta["config"])
+            require_positive(cfg.temperature, "config.temperature", meta_file)
+            post = cls(blocks, cfg, meta["n_data"], meta["log_lik"])
+            tau = meta["tau"]
+            if not isinstance(tau, dict) or set(tau) != set(blocks):
+                raise DataError("'tau' must give one prior precision per block", file=str(meta_file))
+            post.tau = {k: require_positive(v, f"tau of {k}", meta_file) for k, v in tau.items()}
+            post.head = t.get(HEAD_KEY) if HEAD_KEY not in blocks else None
+            post.fitted_pairs = t.get("fitted_pairs")
+            post.data_fingerprint = meta.get("data_fingerprint")
+        except DataError:
+            raise
+        except KeyError as e:
+            raise DataError(f"missing entry {e}", file=str(meta_file if e.args[0] in _META_ENTRIES else tensor_file)
+                            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            raise DataError(f"malformed ({e})", file=str(meta_file)) from None
+        post.source = p
+        if model is not None:
+            post.check_matches(model)
         return post
 
     def check_matches(self, model: RewardModel, atol: float = 1e-6) -> None:
-        """Raise if the model's LoRA weights are not the MAP this posterior was fitted at (linear heads only)."""
+        """Raise if the model's LoRA weights (and head) are not the MAP this posterior was fitted at (linear heads)."""
+        where = str(self.source) if self.source is not None else None
         params = {k: p.detach() for k, p in model.named_parameters()} | {HEAD_KEY: head_theta(model)}
         for k, b in self.blocks.items():
             if k not in params:
-                raise ValueError(f"posterior tensor {k} not found in the model")
+                raise DataError(f"posterior tensor {k} not found in the model; it belongs to another model",
+                                file=where)
+            if tuple(params[k].shape) != tuple(b.theta.shape):
+                raise DataError(f"posterior tensor {k} has shape {tuple(b.theta.shape)}, the model's "
+                                f"{tuple(params[k].shape)}; refit the posterior (`bayesrm laplace`)", file=where)
             if not torch.allclose(params[k].double().cpu(), b.theta.double(), atol=atol):
-                raise ValueError(f"model weights differ from the posterior's MAP at {k}; refit the posterior")
+                raise DataError(f"model weights differ from the posterior's MAP at {k}; refit the posterior",
+                                file=where)
+        if self.head is not None and (self.head.shape != params[HEAD_KEY].shape or not torch.allclose(
+                params[HEAD_KEY].double().cpu(), self.head.double(), atol=atol)):
+            raise DataError("model head differs from the one the posterior was fitted with; refit the posterior",
+                            file=where)
+
+
+_TENSORS = ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0")
+_META_ENTRIES = ("blocks", "config", "n_data", "log_lik", "tau", "index", "g_rho", "a_rho")
+POSTERIOR_FILE = "posterior.safetensors"
+
+
+def _check_block(name: str, b: KronBlock, file: Path) -> None:
+    """DataError unless the block's shapes agree (vals (k,), vecs (d, k), θ and μ0 (o, i)) and eigenvalues are ≥ 0."""
+    o, i = b.shape
+    ok = (b.g_vals.dim() == 1 and b.a_vals.dim() == 1 and b.g_vecs.dim() == 2 and b.a_vecs.dim() == 2
+          and b.g_vecs.shape[1] == b.g_vals.numel() and b.a_vecs.shape[1] == b.a_vals.numel()
+          and tuple(b.theta.shape) == (o, i) and tuple(b.mu0.shape) == (o, i))
+    if not ok:
+        raise DataError(f"block {name}: inconsistent tensor shapes", file=str(file))
+    if bool((b.g_vals < 0).any()) or bool((b.a_vals < 0).any()):
+        raise DataError(f"block {name}: negative curvature eigenvalues", file=str(file))
 
 
 def _require_linear_head(model: RewardModel) -> nn.Linear:
@@ -492,79 +533,104 @@ def _require_linear_head(model: RewardModel) -> nn.Linear:
 # --------------------------------------------------------------------------- fitting
 
 
+def _sum_device(model: RewardModel) -> torch.device:
+    """Where fp64 curvature sums accumulate: the model's GPU (one copy to the host at the end instead of one per
+    batch: 17 GB of d × d factors per batch at 7B), else the CPU (MPS has no fp64)."""
+    return model.device if model.device.type == "cuda" else torch.device("cpu")
+
+
 def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant | str = KFACVariant.PAIR,
-                 batch_size: int = 8, progress: Callable[[int], None] | None = None
+                 batch_size: int = 8, progress: Callable[[int], None] | None = None, margin: float = 0.0,
+                 center_coef: float = 0.0, reduce: Callable[[Any], Any] | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """KFAC factors G_m, A_m with G ⊗ A ≈ the exact BT GGN block Σ_n Λ_n vec(J_Δ)vec(J_Δ)ᵀ (§3), and log p(D|θ*).
 
-    One backward of Σ_n stopgrad(√Λ_n)·Δ_n per batch makes the hooks see g = √Λ_n · c_s · δ (c_w = +1,
-    c_l = −1); Λ goes into G only, except for PAIR. PAIR: with J̃_n = √Λ_n J_Δ,n = Σ_{s,t} g aᵀ (o × i),
-    G = Σ_n J̃ J̃ᵀ and A = Σ_n J̃ᵀ J̃ / Σ_n ‖J̃‖², the first power-iteration step towards the Frobenius-optimal
-    Kronecker factorisation (Shampoo's factors; Morwani et al. 2024): tr(G ⊗ A) is exact, it is exact when
-    every J_Δ is rank one (LoRA r = 1), and unlike the per-response variants it keeps the −J_wᵀJ_l cross
-    term, which a shared prompt makes large. REDUCE: G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with ĝ = Σ_t g_t,
-    ā = mean over real tokens of a_t. EXPAND: G = Σ_{n,s,t} g gᵀ, A = (1/M) Σ a aᵀ over M real tokens.
+    Λ_n = `bt_ggn_weight`(Δ_n, m). PAIR: with J̃_n = √Λ_n J_Δ,n = Σ_{s,t} g aᵀ (o × i), G = Σ_n J̃ J̃ᵀ and
+    A = Σ_n J̃ᵀ J̃ / Σ_n ‖J̃‖², the first power-iteration step towards the Frobenius-optimal Kronecker
+    factorisation (Shampoo's factors; Morwani et al. 2024): tr(G ⊗ A) is exact, it is exact when every J_Δ is
+    rank one (LoRA r = 1), and unlike the per-response variants it keeps the −J_wᵀJ_l cross term, which a shared
+    prompt makes large; with centering, the rows √(2c)·(J_w + J_l) join the J̃. REDUCE (one backward of
+    Σ_n stopgrad(√Λ_n)·Δ_n, so hooks see g = √Λ_n · c_s · δ): G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with
+    ĝ = Σ_t g_t, ā = mean over real tokens of a_t. EXPAND: G = Σ_{n,s,t} g gᵀ, A = (1/M) Σ a aᵀ over M real tokens.
+    `reduce` (e.g. `dist.all_reduce_sum`) sums every accumulated statistic over processes before A is normalised.
     """
     var = KFACVariant(variant)
+    if center_coef and var is not KFACVariant.PAIR:
+        raise ValueError(f"the centering curvature needs kfac='pair', got {var.value!r}")
     modules = lora_modules(model)
     model.eval()
-    G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double) for k, m in modules.items()}
-    A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double) for k, m in modules.items()}
+    dev = _sum_device(model)
+    G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double, device=dev) for k, m in modules.items()}
+    A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double, device=dev) for k, m in modules.items()}
     norm = dict.fromkeys(modules, 0.0)  # what A is divided by: rows, tokens, or Σ ‖J̃‖² (PAIR)
     log_lik = 0.0
-    for B, x, m in _pair_batches(model, pairs, batch_size):
+    for B, x, m in pair_batches(model, pairs, batch_size):
 
         def weights(r: torch.Tensor, B: int = B) -> torch.Tensor:
-            delta = r[:B] - r[B:]
-            lam = torch.sigmoid(delta) * torch.sigmoid(-delta)  # Λ = p(1−p)
+            lam = bt_ggn_weight(r[:B] - r[B:], margin)
             return torch.cat([lam.sqrt(), -lam.sqrt()])
 
-        r, a, g = _batch_jacobians(model, modules, x, m, weights)
-        log_lik += float(F.logsigmoid(r[:B] - r[B:]).double().sum())
+        r, a, g = _batch_jacobians(model, modules, x, m, None if var is KFACVariant.PAIR else weights)
+        log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         mask = m.double()  # (2B, T)
+        if var is KFACVariant.PAIR:
+            lam = bt_ggn_weight(r[:B] - r[B:], margin).double().sqrt()[:, None, None]  # (B, 1, 1)
         for k in modules:
             if var is KFACVariant.PAIR:
-                J = torch.einsum("bto,bti->boi", g[k], a[k]).double()  # (2B, o, i), row l already signed
-                J = J[:B] + J[B:]  # J̃ = √Λ (J_w − J_l)
-                G[k] += torch.einsum("boi,bpi->op", J, J).cpu()
-                A[k] += torch.einsum("boi,boj->ij", J, J).cpu()
+                Jr = torch.einsum("bto,bti->boi", g[k], a[k]).double()  # (2B, o, i) per-response Jacobians
+                J = lam.to(Jr.device) * (Jr[:B] - Jr[B:])  # J̃ = √Λ (J_w − J_l)
+                if center_coef:
+                    J = torch.cat([J, math.sqrt(2.0 * center_coef) * (Jr[:B] + Jr[B:])])  # √(2c) J_s
+                G[k] += torch.einsum("boi,bpi->op", J, J)
+                A[k] += torch.einsum("boi,boj->ij", J, J)
                 norm[k] += float(J.square().sum())
             elif var is KFACVariant.REDUCE:
                 gh = g[k].sum(1).double()  # (2B, o)
                 ab = a[k].sum(1).double() / mask.sum(1, keepdim=True)  # (2B, i)
-                G[k] += (gh.T @ gh).cpu()
-                A[k] += (ab.T @ ab).cpu()
+                G[k] += gh.T @ gh
+                A[k] += ab.T @ ab
                 norm[k] += 2 * B
             else:
                 gt = g[k].reshape(-1, g[k].shape[-1]).double()  # (2B·T, o)
                 at = a[k].reshape(-1, a[k].shape[-1]).double()  # (2B·T, i)
-                G[k] += (gt.T @ gt).cpu()
-                A[k] += (at.T @ at).cpu()
+                G[k] += gt.T @ gt
+                A[k] += at.T @ at
                 norm[k] += float(mask.sum())
         if progress is not None:
             progress(B)
+    G, A = {k: v.cpu() for k, v in G.items()}, {k: v.cpu() for k, v in A.items()}
+    if reduce is not None:  # each process holds sums over its shard of the pairs
+        G, A, norm, log_lik = reduce((G, A, norm, log_lik))
     for k in A:
         A[k] /= norm[k] if norm[k] > 0 else 1.0
     return G, A, log_lik
 
 
 def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
-             progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, float]:
-    """Exact BT GGN of the head, Σ_n Λ_n (φ_w − φ_l)(φ_w − φ_l)ᵀ with φ = [f, 1] (§2), and log p(D|θ*)."""
+             progress: Callable[[int], None] | None = None, margin: float = 0.0, center_coef: float = 0.0,
+             reduce: Callable[[Any], Any] | None = None) -> tuple[torch.Tensor, float]:
+    """Exact BT GGN of the head weight Σ_n Λ_n Δφ Δφᵀ + 2c Σ_n (φ_w + φ_l)(φ_w + φ_l)ᵀ, φ = f (§2); log p(D|θ*).
+
+    `reduce` sums the GGN and log-likelihood over processes (each holding its shard of the pairs)."""
     model.eval()
-    ggn: torch.Tensor | None = None
+    d = _require_linear_head(model).in_features
+    ggn = torch.zeros(d, d, dtype=torch.double, device=_sum_device(model))
     log_lik = 0.0
-    for B, x, m in _pair_batches(model, pairs, batch_size):
-        r, phi = head_features(model, x, m)  # (2B,), (2B, d+1)
-        delta = r[:B] - r[B:]
-        lam = (torch.sigmoid(delta) * torch.sigmoid(-delta)).double()  # Λ = p(1−p)
-        dphi = (phi[:B] - phi[B:]).double()  # (B, d+1); the bias cancels
-        part = (dphi.T * lam) @ dphi  # (d+1, d+1)
-        ggn = part.cpu() if ggn is None else ggn + part.cpu()
-        log_lik += float(F.logsigmoid(delta).double().sum())
+    for B, x, m in pair_batches(model, pairs, batch_size):
+        r, phi = head_features(model, x, m)  # (2B,), (2B, d)
+        lam = bt_ggn_weight(r[:B] - r[B:], margin).double()  # (B,)
+        dphi = (phi[:B] - phi[B:]).double()  # (B, d)
+        part = (dphi.T * lam) @ dphi  # (d, d)
+        if center_coef:
+            sphi = (phi[:B] + phi[B:]).double()
+            part = part + 2.0 * center_coef * sphi.T @ sphi
+        ggn += part
+        log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         if progress is not None:
             progress(B)
-    assert ggn is not None
+    ggn = ggn.cpu()
+    if reduce is not None:
+        ggn, log_lik = reduce((ggn, log_lik))
     return ggn, log_lik
 
 
@@ -574,42 +640,60 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
     """Fit the Laplace posterior P = GGN/T + τI (§5) at the model's current (MAP) weights and tune τ (§6).
 
     `cfg.subset="lora"`: KFAC blocks over every LoRA tensor (`kfac_factors`). `"head"`: the exact GGN over the
-    scalar head's [w, b] (`head_ggn`), full (d+1)² covariance, prior mean 0. `init_lora` gives the LoRA
-    weights at initialisation (prior mean of A under prior_mean='init'); by default the model's saved initial
-    adapter is used when it has one, else 0.
+    scalar head's weight (`head_ggn`), full d² covariance, prior mean at the head's initialisation. `init_lora`
+    gives the LoRA weights at initialisation (prior mean of A under prior_mean='init'); by default the model's
+    saved initial adapter is used when it has one, else 0. Under several processes (`accelerate launch`,
+    `torchrun`; see `bayesrm.dist`) each accumulates the statistics of its shard of `pairs`, one all-reduce sums
+    them, and rank 0 tunes τ for all: every rank returns the posterior of the whole data.
     """
     cfg = cfg or LaplaceConfig()
     _require_linear_head(model)
     if not pairs:
         raise ValueError("fit_laplace needs at least one training pair")
-    if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN; prior mean 0
-        ggn, log_lik = head_ggn(model, pairs, cfg.batch_size, progress)
+    if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN
+        ggn, log_lik = head_ggn(model, dist.shard(pairs), cfg.batch_size, progress, cfg.margin, cfg.center_coef,
+                                reduce=dist.all_reduce_sum)
         av, aU, _ = factor_eig(ggn)
-        theta = head_theta(model).double().cpu()  # (1, d+1)
+        theta = head_theta(model).double().cpu()  # (1, d)
         one = torch.ones(1, dtype=torch.double)
         blocks = {HEAD_KEY: KronBlock(one, torch.ones(1, 1, dtype=torch.double), 0.0, av, aU, 0.0, theta,
-                                      torch.zeros_like(theta))}
-        return _tune(LaplacePosterior(blocks, cfg, len(pairs), log_lik), model, val_pairs)
-    G, A, log_lik = kfac_factors(model, pairs, cfg.kfac, cfg.batch_size, progress)
+                                      head_prior_mean(model, cfg))}
+        return _tune(_posterior(blocks, cfg, pairs, log_lik), model, val_pairs)
+    G, A, log_lik = kfac_factors(model, dist.shard(pairs), cfg.kfac, cfg.batch_size, progress, cfg.margin,
+                                 cfg.center_coef, reduce=dist.all_reduce_sum)
     params = dict(model.named_parameters())
     init = init_lora if init_lora is not None else getattr(model, "lora_init", None) or {}
     blocks = {}
+
+    def eig(k: str) -> tuple[tuple[torch.Tensor, torch.Tensor, float], ...]:
+        return tuple(factor_eig(F_, cfg.rank if F_.shape[0] >= cfg.lowrank_threshold else None, cfg.trace_complement)
+                     for F_ in (G[k], A[k]))
+
+    eigs = dist.spread(eig, list(G))  # each process decomposes 1/P of the blocks
     for k in G:
-        rank_g = cfg.rank if G[k].shape[0] >= cfg.lowrank_threshold else None
-        rank_a = cfg.rank if A[k].shape[0] >= cfg.lowrank_threshold else None
-        gv, gU, grho = factor_eig(G[k], rank_g, cfg.trace_complement)
-        av, aU, arho = factor_eig(A[k], rank_a, cfg.trace_complement)
+        (gv, gU, grho), (av, aU, arho) = eigs[k]
         theta = params[k].detach().double().cpu()
         if cfg.prior_mean == "init" and ".lora_A." in k and k in init:
             mu0 = init[k].detach().double().cpu()
         else:
             mu0 = torch.zeros_like(theta)
         blocks[k] = KronBlock(gv, gU, grho, av, aU, arho, theta, mu0)
-    return _tune(LaplacePosterior(blocks, cfg, len(pairs), log_lik), model, val_pairs)
+    return _tune(_posterior(blocks, cfg, pairs, log_lik), model, val_pairs)
+
+
+def _posterior(blocks: dict[str, KronBlock], cfg: LaplaceConfig, pairs: Sequence[Pair], log_lik: float
+               ) -> LaplacePosterior:
+    post = LaplacePosterior(blocks, cfg, len(pairs), log_lik)
+    post.record_data(pairs)
+    return post
 
 
 def _tune(post: LaplacePosterior, model: RewardModel, val_pairs: Sequence[Pair]) -> LaplacePosterior:
-    """Choose τ with the configured method (validation pairs only for val_nll)."""
+    """Choose τ with the configured method (validation pairs only for val_nll); rank 0 tunes, every rank gets τ."""
     use_val = TauMethod(post.cfg.tau_method) is TauMethod.VAL_NLL and bool(val_pairs)
-    post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val else None)
+    if dist.is_main():
+        post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val
+                                      else None)
+    post.tau = dist.broadcast(post.tau)
+    post.head = head_theta(model).double().cpu()
     return post

@@ -5,78 +5,34 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from bayesrm.bnrm import BNRMConfig, BNRMHead, pair_covariance
-from bayesrm.io import atomic_dir
-from bayesrm.templates import Template, collate, encode, length_sorted_batches
+from bayesrm.batching import scoring_batches
+from bayesrm.config import EMBEDDED_BACKBONE, Pooling, RMConfig
+from bayesrm.data import DataError
+from bayesrm.heads import build_head
+from bayesrm.integrity import (
+    CHECKSUMS_KEY,
+    load_tensors,
+    one_line,
+    require_finite,
+    tensor_checksums,
+    verify_checksums,
+)
+from bayesrm.io import atomic_dir, json_text
+from bayesrm.run import CONFIG_NAME, find_model_dir
+from bayesrm.templates import ResponseKeep, encode
 
-EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
                  "albert", "modernbert", "camembert"}
-CONFIG_NAME = "bayesrm.json"
 HEAD_NAME = "head.safetensors"
 INIT_NAME = "lora_init.safetensors"
-
-
-class Pooling(str, Enum):
-    """Which hidden state the scalar head reads."""
-
-    AUTO = "auto"  # LAST for decoders, FIRST for encoders
-    LAST = "last"  # last non-pad token (decoders)
-    FIRST = "first"  # first token, e.g. [CLS] (encoders)
-    MEAN = "mean"  # mean over non-pad tokens
-
-
-class Head(str, Enum):
-    """What turns the reward-token features into a reward."""
-
-    LINEAR = "linear"  # nn.Linear(d, 1): the BT scalar head
-    BNRM = "bnrm"  # Bayesian non-negative factor head (bayesrm.bnrm), with predictive moments
-
-
-_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
-
-
-@dataclass
-class RMConfig:
-    """Everything needed to rebuild a reward model and format its inputs."""
-
-    backbone: str = EMBEDDED_BACKBONE  # hub id, local path, or the embedded all-MiniLM-L6-v2
-    template: str = Template.OASST.value  # prompt template (oasst | chat | plain)
-    max_length: int = 500  # tokens; truncation keeps the end of the response
-    pooling: str = Pooling.AUTO.value  # where the reward is read
-    lora_r: int = 8  # paper: r=8
-    lora_alpha: int = 16  # paper: α=16
-    lora_dropout: float = 0.0  # paper: 0
-    target_modules: list[str] | None = None  # None: peft's default for the architecture
-    lora_seed: int = 0  # seeds LoRA A init and the head init
-    gguf_file: str | None = None  # load a GGUF checkpoint inside `backbone` (a folder or hub repo)
-    dtype: str = "float32"  # backbone weights dtype (float32 | bfloat16 | float16)
-    disable_dropout: bool = True  # zero the backbone's dropout (as TRL's RewardConfig does); LoRA dropout is separate
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (data, seeds, …)
-    head: str = Head.LINEAR.value  # linear | bnrm
-    bnrm: dict[str, Any] | None = None  # BNRMConfig fields for head="bnrm" (None: its defaults)
-    freeze_backbone: bool = False  # train the head only: the LoRA adapter stays at its no-op init (B = 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
-        return {k: v for k, v in asdict(self).items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"format_version"}
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+ADAPTER_NAME = "adapter_model.safetensors"  # peft's file name
 
 
 def resolve_backbone(name: str) -> str:
@@ -112,12 +68,6 @@ def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
     return base, tok
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """The model directory of a run directory (`run/model`), or `path` itself when it holds a model."""
-    p = Path(path)
-    return p / "model" if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists() else p
 
 
 def is_encoder(base: nn.Module) -> bool:
@@ -175,21 +125,16 @@ class RewardModel(nn.Module):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self.backbone = get_peft_model(base, lora)
             hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
-            self.head: nn.Linear | BNRMHead
-            if Head(config.head) is Head.BNRM:
-                bnrm = BNRMConfig.from_dict(config.bnrm or {})
-                config.bnrm = asdict(bnrm)  # saved in full
-                self.head = BNRMHead(hidden, bnrm)
-            else:
-                self.head = nn.Linear(hidden, 1)
-                nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
-                nn.init.zeros_(self.head.bias)
-                self.head.bias.requires_grad_(False)  # BT sees only differences: the bias has no gradient signal
+            self.head: Any = build_head(config.head, hidden, config.bnrm)  # the `heads` interface
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
         # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
         self.lora_init: dict[str, torch.Tensor] = {
             n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
+        # the head's initial weight (drawn from lora_seed, so a loaded model redraws the same): the prior mean of
+        # a head-only Laplace posterior
+        w = getattr(self.head, "weight", None)
+        self.head_init: torch.Tensor | None = w.detach().clone() if isinstance(w, torch.Tensor) else None
 
     # ------------------------------------------------------------------ forward / scoring
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -200,30 +145,21 @@ class RewardModel(nn.Module):
         return pooled.to(torch.promote_types(pooled.dtype, torch.float32))  # upcast bf16/fp16; keep fp64
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,); a BNRM head samples in training mode and uses posterior means in eval mode."""
-        if isinstance(self.head, BNRMHead):
-            return self.reward(input_ids, attention_mask, "sample" if self.training else "mean")
-        return self.head(self.features(input_ids, attention_mask)).squeeze(-1)
+        """Rewards (B,); a stochastic head (BNRM) samples in training mode and uses its means in eval mode."""
+        return self.reward(input_ids, attention_mask, "sample" if self.training else "mean")
 
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        """Rewards (B,) with an explicit BNRM mode: mean (posterior means) | sample (one Weibull draw)."""
-        f = self.features(input_ids, attention_mask)  # (B, d)
-        return self.head(f, mode) if isinstance(self.head, BNRMHead) else self.head(f).squeeze(-1)
+        """Rewards (B,) with an explicit head mode: mean | sample (one draw of a stochastic head)."""
+        out: torch.Tensor = self.head(self.features(input_ids, attention_mask), mode)  # (B,)
+        return out
 
     def regularizer(self, n_data: int) -> torch.Tensor | None:
         """Per-pair term the training loss adds after a forward over 2B responses: η·KL for BNRM, None for linear.
 
         `n_data` is the number of training pairs (BNRMConfig.kl_phi_scale="dataset" divides KL_Φ by it).
         """
-        return self.head.kl_loss(n_data) if isinstance(self.head, BNRMHead) else None
-
-    @property
-    def bnrm_head(self) -> BNRMHead:
-        """The BNRM head; ValueError for a linear head."""
-        if not isinstance(self.head, BNRMHead):
-            raise ValueError("this model has a linear BT head: predictive moments need head='bnrm'; for a BT model "
-                             "fit a Laplace posterior (`bayesrm laplace`) and use LaplacePosterior.predict")
-        return self.head
+        out: torch.Tensor | None = self.head.regularizer(n_data)
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -235,36 +171,28 @@ class RewardModel(nn.Module):
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids per (prompt, response) with this model's template and max length."""
+        keep = ResponseKeep(self.config.response_keep)
+        keep_end = self.pooling is Pooling.LAST if keep is ResponseKeep.AUTO else keep is ResponseKeep.END
         return encode(self.tokenizer, prompts, responses, template=self.config.template,
-                      max_length=self.config.max_length)
+                      max_length=self.config.max_length, prompt_budget=self.config.prompt_budget, keep_end=keep_end)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
               progress: Any = None) -> torch.Tensor:
         """MAP rewards (N,) in input order, batched by similar length; eval mode."""
-        was_training = self.training
-        self.eval()
-        ids = self.encode(prompts, responses)
-        out = torch.empty(len(ids))
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)
-            out[idx] = self(x.to(self.device), m.to(self.device)).float().cpu()
-            if progress is not None:
-                progress(len(idx))
-        self.train(was_training)
-        return out
+        r = self.per_response(prompts, responses, lambda f: self.head(f, "mean").unsqueeze(-1), batch_size, progress)
+        return r[:, 0].float() if r.numel() else torch.empty(0)
 
     @torch.no_grad()
-    def _per_response(self, prompts: Sequence[str], responses: Sequence[str], fn: Any, batch_size: int,
-                      progress: Any = None) -> torch.Tensor:
+    def per_response(self, prompts: Sequence[str], responses: Sequence[str], fn: Any, batch_size: int = 32,
+                     progress: Any = None) -> torch.Tensor:
         """fn(features (B, d)) → (B, m) over all responses in eval mode, (N, m) float64 in input order."""
         was_training = self.training
         self.eval()
         ids = self.encode(prompts, responses)
         out: torch.Tensor | None = None
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)
-            y = fn(self.features(x.to(self.device), m.to(self.device))).double().cpu()  # (B, m)
+        for idx, x, m in scoring_batches(ids, batch_size, self.pad_id, self.device):
+            y = fn(self.features(x, m)).double().cpu()  # (B, m)
             out = torch.empty(len(ids), y.shape[1], dtype=torch.double) if out is None else out
             out[idx] = y
             if progress is not None:
@@ -274,32 +202,25 @@ class RewardModel(nn.Module):
 
     def predict_moments(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
                         progress: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """BNRM predictive mean and variance of r under q(θ)q(Φ), (N,) and (N,) float64 (bnrm_reward_moments)."""
-        head = self.bnrm_head
-        mv = self._per_response(prompts, responses, lambda f: torch.stack(head.moments(f), -1), batch_size,
-                                progress)  # (N, 2)
+        """The head's predictive mean and variance of r (BNRM: under q(θ)q(Φ)), (N,) and (N,) float64."""
+        head = self.head
+        if not head.has_moments:
+            head.moments(None)  # raises, naming what to do instead
+        mv = self.per_response(prompts, responses, lambda f: torch.stack(head.moments(f), -1), batch_size,
+                               progress)  # (N, 2)
         return (mv[:, 0], mv[:, 1]) if len(mv) else (torch.empty(0).double(), torch.empty(0).double())
 
     def predict_pair_moments(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                              batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """BNRM (E[Δ], Var[Δ]) per pair, Δ = r_w − r_l, Var[Δ] = Var r_w + Var r_l − 2 Cov (shared Φ), float64."""
-        head = self.bnrm_head
-
-        def fn(f: torch.Tensor) -> torch.Tensor:
-            return torch.cat([torch.stack(head.moments(f), -1), head.theta(f).double()], -1)  # (B, 2 + K)
-
-        a = self._per_response(prompts, chosen, fn, batch_size)
-        b = self._per_response(prompts, rejected, fn, batch_size)
+        """The head's (E[Δ], Var[Δ]) per pair, Δ = r_w − r_l, with the covariance the head induces, float64."""
+        if not self.head.has_moments:
+            self.head.moments(None)  # raises, naming what to do instead
+        dtype = next(self.head.parameters()).dtype
+        fw = self.per_response(prompts, chosen, lambda f: f, batch_size).to(dtype)  # (P, d)
+        fl = self.per_response(prompts, rejected, lambda f: f, batch_size).to(dtype)
         with torch.no_grad():
-            var_phi = head.phi_moments()[1].cpu()  # (K,)
-        cov = pair_covariance(a[:, 2:], b[:, 2:], var_phi)  # (P,)
-        return a[:, 0] - b[:, 0], a[:, 1] + b[:, 1] - 2.0 * cov
-
-    def factor_activations(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32
-                           ) -> torch.Tensor:
-        """BNRM factor loadings E_q[θ] per response, (N, K) float64 (interpretability, paper App. B)."""
-        head = self.bnrm_head
-        return self._per_response(prompts, responses, head.theta, batch_size)
+            mu, var = self.head.pair_moments(fw.to(self.device), fl.to(self.device))
+        return mu.double().cpu(), var.double().cpu()
 
     # ------------------------------------------------------------------ parameters
     def lora_parameters(self) -> dict[str, nn.Parameter]:
@@ -319,35 +240,55 @@ class RewardModel(nn.Module):
             self.backbone.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_NAME))
             save_file({k: v.contiguous() for k, v in self.lora_init.items()}, str(tmp / INIT_NAME))
-            d = self.config.to_dict() | {"format_version": 1}
-            (tmp / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n")
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
+            d = self.config.to_dict() | {"format_version": 1, CHECKSUMS_KEY: tensor_checksums(tmp)}
+            (tmp / CONFIG_NAME).write_text(json_text(d, Path(path) / CONFIG_NAME, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> RewardModel:
         """Rebuild a saved model: same backbone, template, LoRA and weights → identical scores."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         p = find_model_dir(path)
-        cfg_file = p / CONFIG_NAME
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{p}: not a bayesrm model directory (no {CONFIG_NAME})")
-        try:
-            cfg = RMConfig.from_dict(json.loads(cfg_file.read_text()))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
-            raise ValueError(f"{cfg_file}: {e}") from None
+        cfg, meta = read_config(p)
+        verify_checksums(p, meta, p / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
         model = cls(cfg)
-        adapter = load_file(str(p / "adapter_model.safetensors"))
-        res = set_peft_model_state_dict(model.backbone, adapter)
+        adapter = load_tensors(p / ADAPTER_NAME)
+        require_finite(adapter, p / ADAPTER_NAME)
+        try:
+            res = set_peft_model_state_dict(model.backbone, adapter)
+        except RuntimeError as e:  # size mismatch: the config's LoRA rank or targets disagree with the weights
+            raise DataError(f"does not fit the model {CONFIG_NAME} describes (lora_r={cfg.lora_r}, target_modules="
+                            f"{cfg.target_modules}): {one_line(e)}", file=str(p / ADAPTER_NAME)) from None
         unexpected = list(getattr(res, "unexpected_keys", []))
         if unexpected:
-            raise ValueError(f"{p}: adapter has unexpected keys {unexpected[:3]}")
-        model.head.load_state_dict(load_file(str(p / HEAD_NAME)))
+            raise DataError(f"unexpected adapter keys {unexpected[:3]}", file=str(p / ADAPTER_NAME))
+        head = load_tensors(p / HEAD_NAME)
+        require_finite(head, p / HEAD_NAME)
+        try:
+            model.head.load_state_dict(head)
+        except RuntimeError as e:
+            raise DataError(f"does not fit the '{cfg.head}' head of {CONFIG_NAME}: {one_line(e)}",
+                            file=str(p / HEAD_NAME)) from None
         if (p / INIT_NAME).exists():
-            model.lora_init = load_file(str(p / INIT_NAME))
+            model.lora_init = load_tensors(p / INIT_NAME)
         model.eval()
         if device is not None:
             model.to(device)
         return model
+
+
+def read_config(model_dir: Path) -> tuple[RMConfig, dict[str, Any]]:
+    """(RMConfig, the raw bayesrm.json dict) of a model directory; DataError naming the file if unusable."""
+    cfg_file = model_dir / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a bayesrm model directory (no {CONFIG_NAME})")
+    try:
+        meta = json.loads(cfg_file.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+        return RMConfig.from_dict(meta), meta
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise DataError(str(e), file=str(cfg_file)) from None
+
