@@ -26,6 +26,7 @@ from bayesrm.io import atomic_write_json
 from bayesrm.laplace import LaplaceConfig
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.pool import NULL_MODELS, Pool, alpaca_eval_pool
+from bayesrm.run import POSTERIOR_META, RunDir
 from bayesrm.sample import SMOLLM2, Backend, SampleConfig, ShardFormat, sample_pool
 from bayesrm.train import TrainConfig
 
@@ -324,7 +325,7 @@ def gold_dirs(cfg: OveroptConfig) -> list[Path]:
 
     dirs = [Path(cfg.work_dir) / "gold" / member_name(i) for i in range(cfg.gold.members)]
     for d in dirs:
-        if not (d / "model").exists():
+        if not RunDir.of(d).has_model:
             raise ValueError(f"{d}: gold member not trained yet; run --stage gold first")
     return dirs
 
@@ -380,7 +381,8 @@ def gold_scores(cfg: OveroptConfig, part: str, shards: list[Path], log: Callable
     """Gold reward per sample of a part: the mean of the gold members' rewards."""
     dirs = gold_dirs(cfg)
     source = {"gold": [str(d) for d in dirs],
-              "fingerprint": _fingerprint([f for d in dirs for f in sorted((d / "model").glob("*.safetensors"))])}
+              "fingerprint": _fingerprint([f for d in dirs
+                                           for f in sorted(RunDir.of(d).model_dir.glob("*.safetensors"))])}
     models = [RewardModel.load(d) for d in dirs]
 
     def compute(prompts: list[str], responses: list[str]) -> dict[str, np.ndarray]:
@@ -410,11 +412,16 @@ def stage_label(cfg: OveroptConfig, log: Callable[[str], None] = print) -> tuple
     return out[0], out[1]
 
 
+def posterior_dirs(member: Path) -> tuple[Path, Path]:
+    """A proxy member's Laplace-LoRA posterior (where `bayesrm laplace` puts it) and its head-only one beside it."""
+    lora = RunDir.of(member).posterior_dir
+    return lora, lora.with_name(f"{lora.name}_head")
+
+
 def stage_proxy(cfg: OveroptConfig, log: Callable[[str], None] = print) -> list[Path]:
     """Train the proxy members (resumable), then fit Laplace-LoRA and the head-only Laplace per member."""
     from bayesrm.ensemble import train_ensemble
-    from bayesrm.laplace import POSTERIOR_DIR, Subset, fit_laplace
-    from bayesrm.train import MODEL_DIR
+    from bayesrm.laplace import Subset, fit_laplace
 
     work = Path(cfg.work_dir)
     if not (work / "data" / "val_pairs.jsonl").exists():
@@ -428,9 +435,8 @@ def stage_proxy(cfg: OveroptConfig, log: Callable[[str], None] = print) -> list[
     t0 = time.time()
     for d in dirs:
         model = RewardModel.load(d)
-        for subset, name in ((Subset.LORA, POSTERIOR_DIR), (Subset.HEAD, f"{POSTERIOR_DIR}_head")):
-            post_dir = d / MODEL_DIR / name
-            if not (post_dir / "posterior.json").exists():
+        for subset, post_dir in zip((Subset.LORA, Subset.HEAD), posterior_dirs(d), strict=True):
+            if not (post_dir / POSTERIOR_META).exists():
                 log(f"{d.name}: fitting {subset.value} Laplace on {len(train_pairs)} pairs")
                 fit_laplace(model, train_pairs, replace(cfg.proxy.laplace, subset=subset.value),
                             val_pairs=val_pairs).save(post_dir)
@@ -442,18 +448,17 @@ def member_scores(cfg: OveroptConfig, part: str, shards: list[Path], log: Callab
                   ) -> dict[str, np.ndarray]:
     """Per member: MAP reward `mean` (M, N), Laplace-LoRA `var` and head-only `var_head` over a part's samples."""
     from bayesrm.ensemble import member_name
-    from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
-    from bayesrm.train import MODEL_DIR
+    from bayesrm.laplace import LaplacePosterior
 
     out: dict[str, list[np.ndarray]] = {"mean": [], "var": [], "var_head": []}
     for i in range(cfg.proxy.members):
         d = Path(cfg.work_dir) / "proxy" / member_name(i)
-        posts = [d / MODEL_DIR / POSTERIOR_DIR, d / MODEL_DIR / f"{POSTERIOR_DIR}_head"]
-        if not all((p / "posterior.json").exists() for p in posts):
+        posts = posterior_dirs(d)
+        if not all((p / POSTERIOR_META).exists() for p in posts):
             raise ValueError(f"{d}: proxy member or its posteriors missing; run --stage proxy first")
-        files = sorted((d / MODEL_DIR).glob("*.safetensors")) + [f for p in posts for f in sorted(p.iterdir())]
+        files = sorted(RunDir.of(d).model_dir.glob("*.safetensors")) + [f for p in posts for f in sorted(p.iterdir())]
         model = RewardModel.load(d)
-        lora, head = (LaplacePosterior.load(p) for p in posts)
+        lora, head = (LaplacePosterior.load(p, model) for p in posts)  # checked against the model
 
         def compute(prompts: list[str], responses: list[str], model: RewardModel = model,
                     lora: LaplacePosterior = lora, head: LaplacePosterior = head) -> dict[str, np.ndarray]:
