@@ -76,6 +76,8 @@ def _load(path: str, fmt: str, fields: list[str] | None, skip_invalid: bool, lim
 FormatOpt = Annotated[str, typer.Option("--format", help="auto | pairs | hh | alpaca_eval")]
 FieldOpt = Annotated[list[str] | None, typer.Option("--field", help="map schema name to column: prompt=question")]
 SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="skip (and count) invalid rows instead of failing")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config field: KEY=VALUE (repeatable; "
+                                                       "nested with dots, e.g. --set model.max_length=128)")]
 
 
 @app.command("train")
@@ -141,7 +143,7 @@ def train_cmd(
     save_pairs(eval_pairs, out / "data" / "eval.jsonl")
     console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint); "
                   f"splits in {out / 'data'}")
-    history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
+    history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume, log=console.print)
     _print_metrics("final", history[-1])
     console.print(f"model saved to {out / 'model'}")
 
@@ -214,17 +216,22 @@ def eval_cmd(
     from bayesrm.metrics import auroc
     from bayesrm.model import RewardModel
 
-    model = RewardModel.load(model_dir)
-    pairs = _load(data, format, field, skip_invalid, limit)
+    pairs = _load(data, format, field, skip_invalid, limit)  # every input is checked before the model loads
+    ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit) if ood else []
     post_dir = find_model_dir(model_dir) / POSTERIOR_DIR
-    post = LaplacePosterior.load(post_dir) if (post_dir / "posterior.json").exists() else None
+    has_post = (post_dir / "posterior.json").exists()
+    if ood and not has_post:
+        raise ValueError(f"--ood needs a Laplace posterior: run `bayesrm laplace {model_dir}` first")
+    model = RewardModel.load(model_dir)
+    post = LaplacePosterior.load(post_dir) if has_post else None
+    console.print(f"evaluating {len(pairs)} pairs (MAP{' and Laplace' if post else ''})")
     row = pair_eval(model, pairs, post)
     if ood:
-        if post is None:
-            raise ValueError("--ood needs a Laplace posterior: run `bayesrm laplace` first")
-        ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit)
-        _, v_id = post.predict(model, [p.prompt for p in pairs], [p.chosen for p in pairs])
-        _, v_ood = post.predict(model, [p.prompt for p in ood_pairs], [p.chosen for p in ood_pairs])
+        assert post is not None
+        with progress_bar("σ of chosen responses (ID + OOD)", len(pairs) + len(ood_pairs), console) as advance:
+            _, v_id = post.predict(model, [p.prompt for p in pairs], [p.chosen for p in pairs], progress=advance)
+            _, v_ood = post.predict(model, [p.prompt for p in ood_pairs], [p.chosen for p in ood_pairs],
+                                    progress=advance)
         row |= {"ood_auroc_sigma": auroc(v_ood.sqrt().numpy(), v_id.sqrt().numpy()),
                 "sigma_id_mean": float(v_id.sqrt().mean()), "sigma_ood_mean": float(v_ood.sqrt().mean())}
     _print_metrics(f"{model_dir} on {data}", row)
@@ -407,11 +414,12 @@ def bon_cmd(
     config: Annotated[Path, typer.Argument(help="experiment config (.toml or .json)")],
     out: Annotated[Path, typer.Option(help="output directory (resumable: finished stages are reused)")] = Path(
         "runs/bon"),
+    set_: SetOpt = None,
 ) -> None:
     """Best-of-n overoptimisation experiment: gold vs proxy vs KL for MAP, Laplace and ensemble rewards."""
     from bayesrm.experiment import load_config, run_bon
 
-    _report(run_bon(load_config(config), out, log=console.print), out)
+    _report(run_bon(load_config(config, set_ or []), out, log=console.print), out)
 
 
 def _report(results: dict[str, Any], out: Path) -> None:
@@ -467,7 +475,7 @@ def sample_cmd(
                        top_p=top_p, template=template, shard_size=shard_size, batch_prompts=batch_prompts, seed=seed,
                        backend=backend)
     with progress_bar(f"sampling {n} per prompt", len(texts), console) as advance:
-        path = sample_pool(texts, cfg, out, progress=advance)
+        path = sample_pool(texts, cfg, out, progress=advance, log=console.print)
     console.print(f"pool of {len(texts)} prompts × {n} written to {path}")
 
 
@@ -589,13 +597,12 @@ def rlhf_cmd(
         "runs/rlhf"),
     only: Annotated[list[str] | None, typer.Option(help="run only these runs of the config (repeatable)")] = None,
     steps: Annotated[int | None, typer.Option(help="override the config's optimiser steps")] = None,
+    set_: SetOpt = None,
 ) -> None:
     """RLHF overoptimisation: RLOO/GRPO on a proxy RM per selection spec; gold, proxy and KL per step."""
     from bayesrm.rlhf import load_config, run_rlhf
 
-    cfg = load_config(config)
-    if steps is not None:
-        cfg.steps = steps
+    cfg = load_config(config, [*(set_ or []), *([f"steps={steps}"] if steps is not None else [])])
     results = run_rlhf(cfg, out, only=only, log=console.print)
     console.print((out / "results.md").read_text())
     done = ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in results["runs"].items())

