@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bayesrm import config
+from bayesrm import config_file
 from bayesrm.bon import BonCurve, bon_curve, default_ns
 from bayesrm.data import Pair, save_pairs, split_prompts
 from bayesrm.ensemble import train_ensemble
@@ -62,7 +62,7 @@ class BonConfig:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> BonConfig:
     """Read a BonConfig from .toml or .json plus `--set KEY=VALUE` overrides; unknown or mistyped fields fail."""
-    cfg = config.load_config(BonConfig, path, overrides)
+    cfg = config_file.load_config(BonConfig, path, overrides)
     for m in cfg.methods:
         parse_spec(m)  # fail early on a bad method spec
     return cfg

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bayesrm import config
+from bayesrm import config_file
 from bayesrm.data import iter_rows
 from bayesrm.integrations.trl import RewardFunction
 from bayesrm.io import atomic_dir, atomic_write_json, atomic_write_text
@@ -86,7 +86,7 @@ class RLHFConfig:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RLHFConfig:
     """Read an RLHFConfig from .toml or .json plus `--set KEY=VALUE` overrides; unknown or mistyped fields fail."""
-    cfg = config.load_config(RLHFConfig, path, overrides)
+    cfg = config_file.load_config(RLHFConfig, path, overrides)
     validate(cfg)
     return cfg
 
