@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bayesrm.config import LaplaceConfig
 from bayesrm.data import (
     DataError,
     DataFormat,
@@ -23,8 +24,8 @@ from bayesrm.data import (
     save_pairs,
     split_by_prompt,
 )
-from bayesrm.model import find_model_dir
 from bayesrm.progress import progress_bar
+from bayesrm.run import RunDir
 
 app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RMs, Laplace-LoRA, best-of-n.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -157,44 +158,59 @@ def _print_metrics(title: str, row: dict[str, Any]) -> None:
     console.print(t)
 
 
+_LA = LaplaceConfig()  # defaults of the options below
+
+
 @app.command("laplace")
 @_friendly
 def laplace_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="trained model (run dir or model dir)")],
-    data: Annotated[str, typer.Argument(help="the pairs the model was trained on")],
+    model_dir: Annotated[Path, typer.Argument(help="trained run (or model) directory")],
+    data: Annotated[str | None, typer.Argument(help="the pairs the model was trained on (default: the training "
+                                                    "split `train` saved in RUN/data/train.jsonl)")] = None,
     val_data: Annotated[str | None, typer.Option(help="validation pairs (for --tau-method val_nll)")] = None,
-    kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = "pair",
-    subset: Annotated[str, typer.Option(help="lora (Laplace-LoRA) | head (last-layer baseline)")] = "lora",
-    tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = "marglik",
-    prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = "layerwise",
-    prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = 1.0,
-    rank: Annotated[int | None, typer.Option(help="rank of large (≥ --lowrank-threshold) factors")] = None,
-    lowrank_threshold: int = 2048,
-    batch_size: int = 8,
+    kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = (
+        _LA.kfac),
+    subset: Annotated[str, typer.Option(help="lora (Laplace-LoRA) | head (last-layer baseline)")] = _LA.subset,
+    tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = _LA.tau_method,
+    prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = _LA.prior_structure,
+    prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = _LA.prior_precision,
+    rank: Annotated[int | None, typer.Option(help="rank of large (≥ --lowrank-threshold) factors")] = _LA.rank,
+    lowrank_threshold: int = _LA.lowrank_threshold,
+    batch_size: int = _LA.batch_size,
     limit: int | None = None,
     format: FormatOpt = DataFormat.AUTO.value,
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision."""
-    from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
-    from bayesrm.model import RewardModel
+    """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision.
 
-    model = RewardModel.load(model_dir)
+    The likelihood is the one the run was trained with (margin, centering: read from RUN/train_config.json).
+    """
+
+    run = RunDir.of(model_dir)
+    if not run.has_model:
+        raise FileNotFoundError(f"{model_dir}: no trained model here (train one with `bayesrm train`)")
+    if data is None:
+        if not run.train_split.exists():
+            raise FileNotFoundError(f"{model_dir}: no saved training split ({run.train_split}); pass the pairs the "
+                                    "model was trained on as DATA")
+        data = str(run.train_split)
     pairs = _load(data, format, field, skip_invalid, limit)
     val = _load(val_data, format, field, skip_invalid) if val_data else []
+    from bayesrm.laplace import fit_laplace
+    from bayesrm.model import RewardModel
+
     cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
                         prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
-                        batch_size=batch_size)
+                        batch_size=batch_size).for_training(run.train_config())
+    model = RewardModel.load(run.model_dir)
     with progress_bar("KFAC fit (pairs)", len(pairs), console) as advance:
         post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
-    dest = find_model_dir(model_dir) / POSTERIOR_DIR
-    post.save(dest)
+    post.save(run.posterior_dir)
     taus = sorted(post.tau.values())
-    console.print(f"posterior saved to {dest}; τ ({cfg.tau_method}, {cfg.prior_structure}): "
-                  f"min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, max {taus[-1]:.4g}; "
-                  f"log marginal likelihood {post.log_marginal_likelihood():.2f}")
-
+    console.print(f"posterior (fitted on {len(pairs)} pairs of {data}) saved to {run.posterior_dir}; "
+                  f"τ ({cfg.tau_method}, {cfg.prior_structure}): min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, "
+                  f"max {taus[-1]:.4g}; log marginal likelihood {post.log_marginal_likelihood():.2f}")
 
 
 @app.command("eval")
@@ -212,20 +228,34 @@ def eval_cmd(
     """Accuracy, NLL and ECE for MAP (and Laplace when a posterior exists); OOD AUROC of σ."""
     from bayesrm.experiment import pair_eval
     from bayesrm.io import atomic_write_json
-    from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
+    from bayesrm.laplace import LaplacePosterior
     from bayesrm.metrics import auroc
     from bayesrm.model import RewardModel
 
     pairs = _load(data, format, field, skip_invalid, limit)  # every input is checked before the model loads
     ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit) if ood else []
-    post_dir = find_model_dir(model_dir) / POSTERIOR_DIR
-    has_post = (post_dir / "posterior.json").exists()
-    if ood and not has_post:
+    run = RunDir.of(model_dir)
+    found = run.find_posterior()
+    if ood and found is None:
         raise ValueError(f"--ood needs a Laplace posterior: run `bayesrm laplace {model_dir}` first")
-    model = RewardModel.load(model_dir)
-    post = LaplacePosterior.load(post_dir) if has_post else None
+    model = RewardModel.load(run.model_dir)
+    post = LaplacePosterior.load(found) if found is not None else None
+    if post is not None:
+        post.check_matches(model)
+        seen = post.fitted_fraction(pairs)
+        if seen:
+            console.print(f"[bold yellow]warning:[/] {seen:.0%} of the pairs in {data} were used to fit the "
+                          "posterior: these metrics are in-sample")
     console.print(f"evaluating {len(pairs)} pairs (MAP{' and Laplace' if post else ''})")
     row = pair_eval(model, pairs, post)
+    if len({p.prompt for p in pairs}) > 1:  # does the model read the prompt? (own vs a swapped prompt)
+        from bayesrm.sensitivity import measure_prompt_sensitivity
+
+        def predict(prompts: list[str], responses: list[str]) -> tuple[Any, Any]:
+            return post.predict(model, prompts, responses) if post else (model.score(prompts, responses), None)
+
+        sens = measure_prompt_sensitivity(predict, [p.prompt for p in pairs], [p.chosen for p in pairs])
+        row |= {f"prompt_{k}": v for k, v in sens.items() if k != "n"}
     if ood:
         assert post is not None
         with progress_bar("σ of chosen responses (ID + OOD)", len(pairs) + len(ood_pairs), console) as advance:
@@ -408,6 +438,32 @@ def score_cmd(
         console.print(f"wrote {len(rows)} scored rows to {out}")
 
 
+@app.command("standardize")
+@_friendly
+def standardize_cmd(
+    ensemble_dir: Annotated[Path, typer.Argument(help="ensemble directory (manifest.json + member_i/)")],
+    reference: Annotated[str, typer.Argument(help="reference responses: rows with prompt and response (e.g. "
+                                                  "samples of the policy you will select from), or pairs")],
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    limit: Annotated[int, typer.Option(help="use at most this many reference responses")] = 1000,
+    batch_size: int = 32,
+) -> None:
+    """Fit and store each member's standardisation statistics (mean, std) on a reference set (ens:/la-ens: specs)."""
+    from bayesrm.ensemble import fit_standardization, reference_responses
+
+    first = next(iter_rows(reference), (0, {}))[1]
+    if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):  # pairs: both sides
+        prompts, responses = reference_responses(_load(reference, DataFormat.AUTO.value, None, False), limit)
+    else:
+        checked = list(_score_rows(reference, prompt_field, response_field))[:limit]
+        prompts, responses = [r[prompt_field] for r in checked], [r[response_field] for r in checked]
+    mean, std = fit_standardization(ensemble_dir, prompts, responses, source=f"{reference} ({len(responses)})",
+                                    batch_size=batch_size)
+    console.print(f"{ensemble_dir}: standardisation on {len(responses)} responses of {reference}: "
+                  f"mean {[round(float(m), 4) for m in mean]}, std {[round(float(s), 4) for s in std]}")
+
+
 @app.command("bon")
 @_friendly
 def bon_cmd(
@@ -495,12 +551,13 @@ def explain_cmd(
     skip_invalid: SkipOpt = False,
 ) -> None:
     """BNRM factors: the top-k by Φ, each with the responses whose θ loads most on it (and their lengths)."""
-    from bayesrm.bnrm import explain_factors
+    from bayesrm.explain import explain_factors
     from bayesrm.io import atomic_write_json
     from bayesrm.model import RewardModel
 
     model = RewardModel.load(model_dir)
-    model.bnrm_head  # noqa: B018 - fail before loading data when the head is linear
+    if not model.head.has_moments:  # fail before loading data when the head is linear
+        raise ValueError(f"{model_dir}: factor explanations need a BNRM model (train with --head bnrm)")
     first = next(iter_rows(data), (0, {}))[1]
     if "response" in first and "chosen" not in first:
         rows = [r for _, r in iter_rows(data)][:limit]

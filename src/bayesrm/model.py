@@ -13,15 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesrm.bnrm import BNRMConfig, BNRMHead, pair_covariance
+from bayesrm.heads import Head, build_head
 from bayesrm.io import atomic_dir
-from bayesrm.templates import Template, collate, encode, length_sorted_batches
+from bayesrm.run import CONFIG_NAME, find_model_dir
+from bayesrm.templates import ResponseKeep, Template, collate, encode, length_sorted_batches
 
 EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
                  "albert", "modernbert", "camembert"}
-CONFIG_NAME = "bayesrm.json"
 HEAD_NAME = "head.safetensors"
 INIT_NAME = "lora_init.safetensors"
 
@@ -35,13 +35,7 @@ class Pooling(str, Enum):
     MEAN = "mean"  # mean over non-pad tokens
 
 
-class Head(str, Enum):
-    """What turns the reward-token features into a reward."""
-
-    LINEAR = "linear"  # nn.Linear(d, 1): the BT scalar head
-    BNRM = "bnrm"  # Bayesian non-negative factor head (bayesrm.bnrm), with predictive moments
-
-
+_LEGACY_TRUNCATION: dict[str, Any] = {"prompt_budget": 0.0, "response_keep": "end"}  # saved before these fields
 _NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
 
 
@@ -51,7 +45,9 @@ class RMConfig:
 
     backbone: str = EMBEDDED_BACKBONE  # hub id, local path, or the embedded all-MiniLM-L6-v2
     template: str = Template.OASST.value  # prompt template (oasst | chat | plain)
-    max_length: int = 500  # tokens; truncation keeps the end of the response
+    max_length: int = 500  # tokens, including the prompt and special tokens
+    prompt_budget: float = 0.25  # share of max_length kept for the end of the prompt when a pair is too long
+    response_keep: str = ResponseKeep.AUTO.value  # auto | end | start: which end of a long response survives
     pooling: str = Pooling.AUTO.value  # where the reward is read
     lora_r: int = 8  # paper: r=8
     lora_alpha: int = 16  # paper: α=16
@@ -70,12 +66,28 @@ class RMConfig:
         """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
         return {k: v for k, v in asdict(self).items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
 
+    def __post_init__(self) -> None:
+        if self.head == Head.BNRM.value:  # saved in full, so a loaded model rebuilds the same head
+            from bayesrm.bnrm import BNRMConfig
+
+            self.bnrm = asdict(BNRMConfig.from_dict(self.bnrm or {}))
+        if not 0.0 <= self.prompt_budget < 1.0:
+            raise ValueError(f"prompt_budget must be in [0, 1), got {self.prompt_budget}")
+        for name, enum in (("response_keep", ResponseKeep), ("pooling", Pooling), ("head", Head),
+                           ("template", Template)):
+            try:
+                setattr(self, name, enum(getattr(self, name)).value)
+            except ValueError:
+                raise ValueError(f"{name} must be one of {[e.value for e in enum]}, "
+                                 f"got {getattr(self, name)!r}") from None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RMConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known - {"format_version"}
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        d = _LEGACY_TRUNCATION | d  # saved before prompt-aware truncation: keep scoring them as they were trained
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -112,12 +124,6 @@ def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
     return base, tok
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """The model directory of a run directory (`run/model`), or `path` itself when it holds a model."""
-    p = Path(path)
-    return p / "model" if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists() else p
 
 
 def is_encoder(base: nn.Module) -> bool:
@@ -175,21 +181,16 @@ class RewardModel(nn.Module):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self.backbone = get_peft_model(base, lora)
             hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
-            self.head: nn.Linear | BNRMHead
-            if Head(config.head) is Head.BNRM:
-                bnrm = BNRMConfig.from_dict(config.bnrm or {})
-                config.bnrm = asdict(bnrm)  # saved in full
-                self.head = BNRMHead(hidden, bnrm)
-            else:
-                self.head = nn.Linear(hidden, 1)
-                nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
-                nn.init.zeros_(self.head.bias)
-                self.head.bias.requires_grad_(False)  # BT sees only differences: the bias has no gradient signal
+            self.head: Any = build_head(config.head, hidden, config.bnrm)  # the `heads` interface
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
         # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
         self.lora_init: dict[str, torch.Tensor] = {
             n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
+        # the head's initial weight (drawn from lora_seed, so a loaded model redraws the same): the prior mean of
+        # a head-only Laplace posterior
+        w = getattr(self.head, "weight", None)
+        self.head_init: torch.Tensor | None = w.detach().clone() if isinstance(w, torch.Tensor) else None
 
     # ------------------------------------------------------------------ forward / scoring
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -200,30 +201,21 @@ class RewardModel(nn.Module):
         return pooled.to(torch.promote_types(pooled.dtype, torch.float32))  # upcast bf16/fp16; keep fp64
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,); a BNRM head samples in training mode and uses posterior means in eval mode."""
-        if isinstance(self.head, BNRMHead):
-            return self.reward(input_ids, attention_mask, "sample" if self.training else "mean")
-        return self.head(self.features(input_ids, attention_mask)).squeeze(-1)
+        """Rewards (B,); a stochastic head (BNRM) samples in training mode and uses its means in eval mode."""
+        return self.reward(input_ids, attention_mask, "sample" if self.training else "mean")
 
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        """Rewards (B,) with an explicit BNRM mode: mean (posterior means) | sample (one Weibull draw)."""
-        f = self.features(input_ids, attention_mask)  # (B, d)
-        return self.head(f, mode) if isinstance(self.head, BNRMHead) else self.head(f).squeeze(-1)
+        """Rewards (B,) with an explicit head mode: mean | sample (one draw of a stochastic head)."""
+        out: torch.Tensor = self.head(self.features(input_ids, attention_mask), mode)  # (B,)
+        return out
 
     def regularizer(self, n_data: int) -> torch.Tensor | None:
         """Per-pair term the training loss adds after a forward over 2B responses: η·KL for BNRM, None for linear.
 
         `n_data` is the number of training pairs (BNRMConfig.kl_phi_scale="dataset" divides KL_Φ by it).
         """
-        return self.head.kl_loss(n_data) if isinstance(self.head, BNRMHead) else None
-
-    @property
-    def bnrm_head(self) -> BNRMHead:
-        """The BNRM head; ValueError for a linear head."""
-        if not isinstance(self.head, BNRMHead):
-            raise ValueError("this model has a linear BT head: predictive moments need head='bnrm'; for a BT model "
-                             "fit a Laplace posterior (`bayesrm laplace`) and use LaplacePosterior.predict")
-        return self.head
+        out: torch.Tensor | None = self.head.regularizer(n_data)
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -235,8 +227,10 @@ class RewardModel(nn.Module):
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids per (prompt, response) with this model's template and max length."""
+        keep = ResponseKeep(self.config.response_keep)
+        keep_end = self.pooling is Pooling.LAST if keep is ResponseKeep.AUTO else keep is ResponseKeep.END
         return encode(self.tokenizer, prompts, responses, template=self.config.template,
-                      max_length=self.config.max_length)
+                      max_length=self.config.max_length, prompt_budget=self.config.prompt_budget, keep_end=keep_end)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
@@ -255,8 +249,8 @@ class RewardModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def _per_response(self, prompts: Sequence[str], responses: Sequence[str], fn: Any, batch_size: int,
-                      progress: Any = None) -> torch.Tensor:
+    def per_response(self, prompts: Sequence[str], responses: Sequence[str], fn: Any, batch_size: int = 32,
+                     progress: Any = None) -> torch.Tensor:
         """fn(features (B, d)) → (B, m) over all responses in eval mode, (N, m) float64 in input order."""
         was_training = self.training
         self.eval()
@@ -274,32 +268,25 @@ class RewardModel(nn.Module):
 
     def predict_moments(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
                         progress: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """BNRM predictive mean and variance of r under q(θ)q(Φ), (N,) and (N,) float64 (bnrm_reward_moments)."""
-        head = self.bnrm_head
-        mv = self._per_response(prompts, responses, lambda f: torch.stack(head.moments(f), -1), batch_size,
-                                progress)  # (N, 2)
+        """The head's predictive mean and variance of r (BNRM: under q(θ)q(Φ)), (N,) and (N,) float64."""
+        head = self.head
+        if not head.has_moments:
+            head.moments(None)  # raises, naming what to do instead
+        mv = self.per_response(prompts, responses, lambda f: torch.stack(head.moments(f), -1), batch_size,
+                               progress)  # (N, 2)
         return (mv[:, 0], mv[:, 1]) if len(mv) else (torch.empty(0).double(), torch.empty(0).double())
 
     def predict_pair_moments(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                              batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """BNRM (E[Δ], Var[Δ]) per pair, Δ = r_w − r_l, Var[Δ] = Var r_w + Var r_l − 2 Cov (shared Φ), float64."""
-        head = self.bnrm_head
-
-        def fn(f: torch.Tensor) -> torch.Tensor:
-            return torch.cat([torch.stack(head.moments(f), -1), head.theta(f).double()], -1)  # (B, 2 + K)
-
-        a = self._per_response(prompts, chosen, fn, batch_size)
-        b = self._per_response(prompts, rejected, fn, batch_size)
+        """The head's (E[Δ], Var[Δ]) per pair, Δ = r_w − r_l, with the covariance the head induces, float64."""
+        if not self.head.has_moments:
+            self.head.moments(None)  # raises, naming what to do instead
+        dtype = next(self.head.parameters()).dtype
+        fw = self.per_response(prompts, chosen, lambda f: f, batch_size).to(dtype)  # (P, d)
+        fl = self.per_response(prompts, rejected, lambda f: f, batch_size).to(dtype)
         with torch.no_grad():
-            var_phi = head.phi_moments()[1].cpu()  # (K,)
-        cov = pair_covariance(a[:, 2:], b[:, 2:], var_phi)  # (P,)
-        return a[:, 0] - b[:, 0], a[:, 1] + b[:, 1] - 2.0 * cov
-
-    def factor_activations(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32
-                           ) -> torch.Tensor:
-        """BNRM factor loadings E_q[θ] per response, (N, K) float64 (interpretability, paper App. B)."""
-        head = self.bnrm_head
-        return self._per_response(prompts, responses, head.theta, batch_size)
+            mu, var = self.head.pair_moments(fw.to(self.device), fl.to(self.device))
+        return mu.double().cpu(), var.double().cpu()
 
     # ------------------------------------------------------------------ parameters
     def lora_parameters(self) -> dict[str, nn.Parameter]:

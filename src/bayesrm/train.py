@@ -14,37 +14,16 @@ from typing import Any
 
 import torch
 
+from bayesrm.config import TrainConfig
 from bayesrm.data import Pair
 from bayesrm.io import atomic_dir, atomic_write_json, write_jsonl
 from bayesrm.losses import bradley_terry_loss, centering_penalty
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import RewardModel
+from bayesrm.run import CHECKPOINT_DIR, MODEL_DIR
 from bayesrm.templates import collate
 
-CHECKPOINT_DIR = "checkpoint"
-MODEL_DIR = "model"
 METRICS_NAME = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (paper App. C.2: batch 8, linear schedule, weight decay 0)."""
-
-    epochs: int = 1  # passes over the training pairs
-    lr: float = 2e-4  # AdamW learning rate (peak)
-    batch_size: int = 8  # pairs per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_ratio: float = 0.03  # fraction of steps with linear warm-up
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
-    margin: float = 0.0  # BT margin m in −log σ(r_w − r_l − m)
-    center_coef: float = 0.0  # weight of the reward-centering term (r_w + r_l)²
-    data_seed: int = 0  # data order and dropout RNG (LoRA init is RMConfig.lora_seed)
-    group_by_length: bool = True  # batches of similar length, in random order
-    mixed_precision: str = "no"  # no | bf16 (autocast; falls back to fp32 where bf16 matmuls are not native)
-    eval_batch_size: int = 32  # responses per scoring batch
-    checkpoint_every: int = 100  # optimizer steps between atomic checkpoints (0: only at epoch ends)
-    max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool
@@ -154,16 +133,6 @@ def bf16_is_native(device: torch.device) -> bool:
     if device.type == "cpu":
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return True
-
-
-def _check_config(cfg: TrainConfig) -> None:
-    for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
-    if not 0.0 <= cfg.warmup_ratio <= 1.0:
-        raise ValueError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
 
 
 def pair_loss(rw: torch.Tensor, rl: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -280,7 +249,6 @@ def train(
 
     if not train_pairs:
         raise ValueError("no training pairs")
-    _check_config(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     acc = Accelerator()  # devices and processes; autocast is ours so settings can change within a process

@@ -1,0 +1,122 @@
+"""Typed configs of training and of the Laplace fit, with their choices as str Enums validated at construction.
+
+This module imports nothing heavy: the CLI reads its defaults from these dataclasses before torch loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+
+def _choice(enum: type[Enum], value: Any, name: str) -> Any:
+    """`value` as a member's value of `enum`, or ValueError naming the field and the allowed choices."""
+    try:
+        return enum(value).value
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[e.value for e in enum]}, got {value!r}") from None
+
+
+class MixedPrecision(str, Enum):
+    """Autocast dtype of training."""
+
+    NO = "no"  # fp32
+    BF16 = "bf16"  # bf16 autocast (falls back to fp32 where bf16 matmuls are not native)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (paper App. C.2: batch 8, linear schedule, weight decay 0)."""
+
+    epochs: int = 1  # passes over the training pairs
+    lr: float = 2e-4  # AdamW learning rate (peak)
+    batch_size: int = 8  # pairs per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.03  # fraction of steps with linear warm-up
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+    margin: float = 0.0  # BT margin m in −log σ(r_w − r_l − m)
+    center_coef: float = 0.0  # weight of the reward-centering term (r_w + r_l)²
+    data_seed: int = 0  # data order and dropout RNG (LoRA init is RMConfig.lora_seed)
+    group_by_length: bool = True  # batches of similar length, in random order
+    mixed_precision: str = "no"  # no | bf16 (autocast; falls back to fp32 where bf16 matmuls are not native)
+    eval_batch_size: int = 32  # responses per scoring batch
+    checkpoint_every: int = 100  # optimizer steps between atomic checkpoints (0: only at epoch ends)
+    max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
+
+    def __post_init__(self) -> None:
+        self.mixed_precision = _choice(MixedPrecision, self.mixed_precision, "mixed_precision")
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.checkpoint_every < 0 or self.center_coef < 0:
+            raise ValueError("checkpoint_every and center_coef must be ≥ 0")
+
+
+class KFACVariant(str, Enum):
+    """How per-token curvature is collapsed into Kronecker factors (Eschenhagen et al. 2023)."""
+
+    PAIR = "pair"  # factorise each pair's exact J_Δ: G = Σ Λ J_Δ J_Δᵀ, A = Σ Λ J_Δᵀ J_Δ / Σ Λ‖J_Δ‖² (default)
+    REDUCE = "reduce"  # one row per response: ĝ = Σ_t g_t, ā = mean_t a_t
+    EXPAND = "expand"  # one row per token: G = Σ g gᵀ, A = mean over real tokens of a aᵀ
+
+
+class PriorStructure(str, Enum):
+    """Prior precision τ shared by all tensors or one per tensor."""
+
+    GLOBAL = "global"
+    LAYERWISE = "layerwise"
+
+
+class Subset(str, Enum):
+    """Which parameters the posterior covers."""
+
+    LORA = "lora"  # every LoRA A/B tensor, KFAC blocks (Laplace-LoRA)
+    HEAD = "head"  # the scalar head's [weight, bias] only, exact GGN, full covariance (last-layer Laplace)
+
+
+class TauMethod(str, Enum):
+    """How the prior precision is chosen."""
+
+    MARGLIK = "marglik"  # maximise the Laplace log marginal likelihood (exact 1-D optimisation per τ)
+    MACKAY = "mackay"  # MacKay's fixed point τ = γ / ‖θ* − μ0‖²
+    VAL_NLL = "val_nll"  # grid over log τ minimising validation NLL of the probit predictive
+    FIXED = "fixed"  # keep the given value
+
+
+@dataclass
+class LaplaceConfig:
+    """Settings of the post-hoc Laplace fit."""
+
+    subset: str = Subset.LORA.value  # lora (KFAC over LoRA tensors) | head (exact GGN over the head, baseline)
+    kfac: str = KFACVariant.PAIR.value  # pair | reduce | expand (pair keeps the w/l cross term; see kfac_factors)
+    rank: int | None = None  # keep this many eigenpairs of factors larger than `lowrank_threshold`
+    lowrank_threshold: int = 2048  # factor side from which `rank` applies (hidden ≥ 2048)
+    trace_complement: bool = True  # give dropped directions the mean dropped eigenvalue instead of 0
+    prior_structure: str = PriorStructure.LAYERWISE.value  # global | layerwise
+    tau_method: str = TauMethod.MARGLIK.value  # marglik | mackay | val_nll | fixed
+    prior_precision: float = 1.0  # initial / fixed τ
+    prior_mean: str = "init"  # "init": A (and a head-only fit's w) at initialisation, B at 0 (§5); "zero"
+    temperature: float = 1.0  # T in P = GGN/T + τ
+    batch_size: int = 8  # pairs per fit batch
+    margin: float = 0.0  # BT margin m of the training loss: p = σ(Δ − m)
+    center_coef: float = 0.0  # reward-centering weight c of the training loss: adds 2c·J_s J_sᵀ to the GGN
+
+    def __post_init__(self) -> None:
+        self.subset, self.kfac = _choice(Subset, self.subset, "subset"), _choice(KFACVariant, self.kfac, "kfac")
+        self.prior_structure = _choice(PriorStructure, self.prior_structure, "prior_structure")
+        self.tau_method = _choice(TauMethod, self.tau_method, "tau_method")
+        if self.prior_mean not in ("init", "zero"):
+            raise ValueError(f"prior_mean must be 'init' or 'zero', got {self.prior_mean!r}")
+        if self.center_coef < 0 or self.temperature <= 0 or self.prior_precision <= 0:
+            raise ValueError("center_coef must be ≥ 0, temperature and prior_precision > 0")
+        if self.center_coef and KFACVariant(self.kfac) is not KFACVariant.PAIR and Subset(self.subset) is Subset.LORA:
+            raise ValueError("the centering curvature is implemented for kfac='pair' and subset='head'; "
+                             f"kfac={self.kfac!r} would drop it")
+
+    def for_training(self, train: dict[str, Any]) -> LaplaceConfig:
+        """This config with the likelihood of a run's TrainConfig fields (margin, center_coef)."""
+        return replace(self, margin=float(train.get("margin", 0.0)), center_coef=float(train.get("center_coef", 0.0)))
