@@ -141,3 +141,60 @@ def test_laplace_defaults_come_from_the_config() -> None:
     res = runner.invoke(app, ["laplace", "--help"], env={"COLUMNS": "200"})
     d = LaplaceConfig()
     assert res.exit_code == 0 and f"[default: {d.kfac}]" in res.output and f"[default: {d.tau_method}]" in res.output
+
+
+# --------------------------------------------------------------------------- checks before heavy work, --set
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("cmd", "config", "item", "message"), [
+    ("bon", "examples/bon.toml", "stepz=2", "--set stepz=2: unknown field 'stepz'"),
+    ("bon", "examples/bon.toml", "model.max_length=long", "--set model.max_length=long: expected int, got 'long'"),
+    ("rlhf", "examples/rlhf.toml", "steps=2.5", "--set steps=2.5: expected int, got 2.5"),
+    ("rlhf", "configs/rlhf_cpu.toml", "policy.nope=1", "--set policy.nope=1: unknown field 'policy.nope'"),
+])
+def test_set_overrides_fail_with_one_line(cmd: str, config: str, item: str, message: str) -> None:
+    res = runner.invoke(app, [cmd, str(ROOT / config), "--set", item, "--out", "unused"])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def _forbid(monkeypatch: pytest.MonkeyPatch, target: str, what: str) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError(f"{what} ran before the inputs were checked")
+    monkeypatch.setattr(target, boom)
+
+
+@pytest.mark.parametrize("broken", ["gold", "prompts", "posterior"])
+def test_rlhf_checks_proxy_gold_and_prompts_before_converting_the_policy(
+        trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """Before: a missing gold model was found only after ~50 s of converting the policy's GGUF weights."""
+    import shutil
+
+    _forbid(monkeypatch, "bayesrm.rlhf.policy_path", "the policy conversion")
+    run, data = trained
+    fields = {"proxy": str(run), "gold": str(run), "prompts": str(data)}
+    if broken == "gold":
+        fields["gold"], message = str(tmp_path / "gold"), f"gold {tmp_path / 'gold'}: not a trained bayesrm model"
+    elif broken == "prompts":
+        fields["prompts"], message = str(tmp_path / "p.jsonl"), f"{tmp_path / 'p.jsonl'}: prompts file not found"
+    else:  # a proxy without its posterior, for the la run
+        shutil.copytree(run / "model", tmp_path / "bare", ignore=shutil.ignore_patterns("laplace"))
+        fields["proxy"], message = str(tmp_path / "bare"), "no Laplace posterior for spec 'la:var:k=1'"
+    cfg = tmp_path / "rlhf.toml"
+    cfg.write_text("".join(f'{k} = "{v}"\n' for k, v in fields.items())
+                   + 'exclude = []\nproxy_sigma = false\n[runs]\nmap = "map"\nla = "la:var:k=1"\n')
+    res = runner.invoke(app, ["rlhf", str(cfg), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_eval_checks_every_input_before_loading_the_model(trained: tuple[Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the model loaded (and ID pairs were scored) before a bad --ood file was read."""
+    _forbid(monkeypatch, "bayesrm.model.RewardModel.load", "the model load")
+    run, _ = trained
+    bad = tmp_path / "ood.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "", "rejected": "b"}\n')
+    res = runner.invoke(app, ["eval", str(run), str(run / "data" / "eval.jsonl"), "--ood", str(bad)])
+    assert res.exit_code == 2 and f"{bad}:2" in res.output and "chosen" in res.output, res.output

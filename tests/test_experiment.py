@@ -107,3 +107,24 @@ def test_shipped_configs_parse_and_keep_the_laplace_defaults(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     default = LaplaceConfig()
     assert (cfg.laplace.kfac, cfg.laplace.tau_method) == (default.kfac, default.tau_method)
+
+
+def test_cached_scores_are_recomputed_for_other_candidates(tmp_path: Path) -> None:
+    """Before: eval_scores.npz was reused whatever the candidates, so `--set eval_prompts=…` on a finished run
+    paired old scores with new candidates."""
+    import numpy as np
+
+    from bayesrm.experiment import _cached_scores
+
+    calls = []
+
+    def compute(n: int) -> dict[str, np.ndarray]:
+        calls.append(n)
+        return {"mean": np.arange(n, dtype=float), "var": np.ones(n)}
+
+    path = tmp_path / "eval_scores.npz"
+    first = _cached_scores(path, lambda: compute(2), ["p", "p"], ["a", "b"])
+    again = _cached_scores(path, lambda: compute(2), ["p", "p"], ["a", "b"])
+    other = _cached_scores(path, lambda: compute(2), ["p", "p"], ["a", "c"])
+    assert calls == [2, 2] and set(again) == {"mean", "var"}
+    assert np.array_equal(first["mean"], again["mean"]) and np.array_equal(other["mean"], [0.0, 1.0])
