@@ -186,7 +186,7 @@ def test_rlhf_checks_proxy_gold_and_prompts_before_converting_the_policy(
     cfg.write_text("".join(f'{k} = "{v}"\n' for k, v in fields.items())
                    + 'exclude = []\nproxy_sigma = false\n[runs]\nmap = "map"\nla = "la:var:k=1"\n')
     res = runner.invoke(app, ["rlhf", str(cfg), "--out", str(tmp_path / "out")])
-    assert res.exit_code == 2 and message in res.output, res.output
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output  # rich wraps long lines
 
 
 def test_eval_checks_every_input_before_loading_the_model(trained: tuple[Path, Path], tmp_path: Path,
@@ -197,4 +197,5 @@ def test_eval_checks_every_input_before_loading_the_model(trained: tuple[Path, P
     bad = tmp_path / "ood.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "", "rejected": "b"}\n')
     res = runner.invoke(app, ["eval", str(run), str(run / "data" / "eval.jsonl"), "--ood", str(bad)])
-    assert res.exit_code == 2 and f"{bad}:2" in res.output and "chosen" in res.output, res.output
+    out = "".join(res.output.split())  # rich wraps long lines
+    assert res.exit_code == 2 and f"{bad}:2".replace(" ", "") in out and "chosen" in out, res.output

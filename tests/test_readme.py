@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -54,9 +56,9 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
     bindir.mkdir()
     (bindir / "bayesrm").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m bayesrm "$@"\n')  # exec: `kill $!` hits it
     (bindir / "bayesrm").chmod(0o755)
-    (bindir / "python").symlink_to(sys.executable)
-    env = os.environ | {
-        "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT / "src"),
+    env = os.environ | {  # `python` and `pip` are this interpreter's (the venv's), `bayesrm` this checkout's
+        "PATH": os.pathsep.join([str(bindir), str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "PYTHONPATH": str(ROOT / "src"),
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     port = str(_free_port())
     logs = []
@@ -65,9 +67,17 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
             cmd = ["bash", "-euo", "pipefail", "-c", code.replace("8000", port)]
         else:
             cmd = [sys.executable, "-c", code]
-        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
-        logs.append(r.stdout + r.stderr)
-        assert r.returncode == 0, f"block {i} ({lang}) failed:\n{(r.stdout + r.stderr)[-4000:]}"
+        log = tmp_path / f"block_{i}.log"
+        with open(log, "w") as out:  # a file, not a pipe: a server left running by a failed block cannot hang us
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=1800)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)  # anything the block left behind
+        logs.append(log.read_text())
+        assert rc == 0, f"block {i} ({lang}) failed:\n{logs[-1][-4000:]}"
     bash_log, py_log = logs
     runs = tmp_path / "runs"
     # each step left its own output, none overwritten by a later one
