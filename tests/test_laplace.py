@@ -20,6 +20,7 @@ from conftest import toy_pairs
 from scipy.stats import spearmanr
 from torch.func import functional_call, jacrev
 
+from bayesrm.batching import collate
 from bayesrm.data import Pair
 from bayesrm.laplace import (
     HEAD_KEY,
@@ -33,7 +34,6 @@ from bayesrm.laplace import (
 )
 from bayesrm.metrics import probit_probability
 from bayesrm.model import RewardModel, pool_hidden
-from bayesrm.templates import collate
 from bayesrm.train import TrainConfig, train
 
 Tensor = torch.Tensor

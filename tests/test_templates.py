@@ -6,10 +6,9 @@ import random
 from typing import Any
 
 import pytest
-import torch
 
 from bayesrm.model import resolve_backbone
-from bayesrm.templates import Template, collate, encode, length_sorted_batches, render, special_wrap, truncate
+from bayesrm.templates import Template, encode, render, special_wrap, truncate
 
 SIMPLE_CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </{{ m['role'] }}> {% endfor %}"
                "{% if add_generation_prompt %}<assistant> {% endif %}")
@@ -120,23 +119,6 @@ def test_truncate_is_pure() -> None:
     assert truncate([1, 2, 3], [7, 8], 4) == [2, 3, 7, 8]
     assert truncate([1, 2, 3], [7, 8, 9], 3) == [7, 8, 9]
     assert truncate([1, 2, 3], [6, 7, 8, 9], 2) == [8, 9]
-
-
-def test_collate_right_pads() -> None:
-    ids, mask = collate([[5, 6, 7], [8], [9, 10]], pad_id=0)
-    assert torch.equal(ids, torch.tensor([[5, 6, 7], [8, 0, 0], [9, 10, 0]]))
-    assert torch.equal(mask, torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]]))
-    assert ids.dtype == mask.dtype == torch.long
-
-
-def test_length_sorted_batches_cover_every_index_once() -> None:
-    rng = random.Random(1)
-    lengths = [rng.randint(1, 50) for _ in range(103)]
-    batches = length_sorted_batches(lengths, 8)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(103))
-    assert all(len(b) == 8 for b in batches[:-1]) and len(batches[-1]) == 103 % 8
-    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # similar lengths share a batch
 
 
 def test_truncate_keeps_a_prompt_budget_brute_force() -> None:

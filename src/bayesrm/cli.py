@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import functools
-import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from bayesrm.config import LaplaceConfig
+from bayesrm.config import LaplaceConfig, TrainConfig
 from bayesrm.data import (
     DataError,
     DataFormat,
@@ -24,6 +24,7 @@ from bayesrm.data import (
     save_pairs,
     split_by_prompt,
 )
+from bayesrm.io import check_target
 from bayesrm.progress import progress_bar
 from bayesrm.run import RunDir
 
@@ -31,6 +32,12 @@ app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RM
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+_TC = TrainConfig()  # `bayesrm train` defaults are TrainConfig's
+
+
+def _error(message: str) -> None:
+    """One red line on stderr, never wrapped, the message taken literally (no rich markup)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _friendly(fn: F) -> F:
@@ -41,7 +48,10 @@ def _friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (DataError, ValueError, FileNotFoundError, KeyError) as e:
-            console.print(f"[bold red]error:[/] {e}")
+            _error(str(e))
+            raise typer.Exit(2) from None
+        except OSError as e:  # unreadable input, full disk, …: name the path, no traceback
+            _error(f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -100,18 +110,26 @@ def train_cmd(
     bnrm_k: Annotated[int, typer.Option(help="BNRM latent factors K")] = 1024,
     bnrm_eta: Annotated[float, typer.Option(help="BNRM KL weight η")] = 1e-5,
     freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op)")] = False,
-    epochs: int = 1,
-    lr: float = 2e-4,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    warmup_ratio: float = 0.03,
-    margin: float = 0.0,
-    center_coef: float = 0.0,
+    epochs: Annotated[int, typer.Option(help="passes over the training pairs")] = _TC.epochs,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate")] = _TC.lr,
+    batch_size: Annotated[int, typer.Option(help="pairs per micro-batch")] = _TC.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = _TC.grad_accum,
+    warmup_ratio: Annotated[float, typer.Option(help="fraction of steps with linear warm-up")] = _TC.warmup_ratio,
+    weight_decay: Annotated[float, typer.Option(help="AdamW decoupled weight decay")] = _TC.weight_decay,
+    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0 disables)")] = _TC.max_grad_norm,
+    margin: Annotated[float, typer.Option(help="BT margin m in −log σ(r_w − r_l − m)")] = _TC.margin,
+    center_coef: Annotated[float, typer.Option(help="weight of the reward-centering term")] = _TC.center_coef,
     lora_seed: int = 0,
-    data_seed: int = 0,
+    data_seed: Annotated[int, typer.Option(help="data order and dropout RNG")] = _TC.data_seed,
     split_seed: int = 0,
-    mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = "no",
-    max_steps: int | None = None,
+    group_by_length: Annotated[bool, typer.Option(help="batches of similar length, in random order")] = (
+        _TC.group_by_length),
+    mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = _TC.mixed_precision,
+    eval_batch_size: Annotated[int, typer.Option(help="responses per evaluation batch")] = _TC.eval_batch_size,
+    checkpoint_every: Annotated[int, typer.Option(help="optimizer steps between atomic checkpoints in OUT/checkpoint "
+                                                       "(0: epoch ends only); a killed run continued with --resume "
+                                                       "loses at most this many")] = _TC.checkpoint_every,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many optimizer steps")] = _TC.max_steps,
     limit: Annotated[int | None, typer.Option(help="use only the first N pairs")] = None,
     sample: Annotated[int | None, typer.Option(help="use a random N pairs (seeded by --split-seed)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint")] = False,
@@ -121,8 +139,9 @@ def train_cmd(
 ) -> None:
     """Train a Bradley–Terry LoRA reward model."""
     from bayesrm.model import RewardModel, RMConfig
-    from bayesrm.train import TrainConfig, train
+    from bayesrm.train import train
 
+    check_target(out, want_dir=True)  # before any work: a bad --out is one line, not a failure at the end
     pairs = _load(data, format, field, skip_invalid, limit)
     if sample is not None and sample < len(pairs):
         pairs = [pairs[i] for i in sorted(random.Random(split_seed).sample(range(len(pairs)), sample))]
@@ -137,8 +156,9 @@ def train_cmd(
                   freeze_backbone=freeze_backbone,
                   extra={"train_data": data, "eval_data": eval_data, "split_seed": split_seed})
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
-                     margin=margin, center_coef=center_coef, data_seed=data_seed, mixed_precision=mixed_precision,
-                     max_steps=max_steps)
+                     weight_decay=weight_decay, max_grad_norm=max_grad_norm, margin=margin, center_coef=center_coef,
+                     data_seed=data_seed, group_by_length=group_by_length, mixed_precision=mixed_precision,
+                     eval_batch_size=eval_batch_size, checkpoint_every=checkpoint_every, max_steps=max_steps)
     model = RewardModel(mc)
     save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
     save_pairs(eval_pairs, out / "data" / "eval.jsonl")
@@ -147,6 +167,11 @@ def train_cmd(
     history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume, log=console.print)
     _print_metrics("final", history[-1])
     console.print(f"model saved to {out / 'model'}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    """A number formatted with `spec`, or 'n/a' for an undefined (None) one."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _print_metrics(title: str, row: dict[str, Any]) -> None:
@@ -227,11 +252,13 @@ def eval_cmd(
 ) -> None:
     """Accuracy, NLL and ECE for MAP (and Laplace when a posterior exists); OOD AUROC of σ."""
     from bayesrm.experiment import pair_eval
-    from bayesrm.io import atomic_write_json
+    from bayesrm.io import atomic_write_json, json_text
     from bayesrm.laplace import LaplacePosterior
     from bayesrm.metrics import auroc
     from bayesrm.model import RewardModel
 
+    if json_out:
+        check_target(json_out)
     pairs = _load(data, format, field, skip_invalid, limit)  # every input is checked before the model loads
     ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit) if ood else []
     run = RunDir.of(model_dir)
@@ -239,9 +266,8 @@ def eval_cmd(
     if ood and found is None:
         raise ValueError(f"--ood needs a Laplace posterior: run `bayesrm laplace {model_dir}` first")
     model = RewardModel.load(run.model_dir)
-    post = LaplacePosterior.load(found) if found is not None else None
+    post = LaplacePosterior.load(found, model) if found is not None else None  # checked against the model
     if post is not None:
-        post.check_matches(model)
         seen = post.fitted_fraction(pairs)
         if seen:
             console.print(f"[bold yellow]warning:[/] {seen:.0%} of the pairs in {data} were used to fit the "
@@ -267,108 +293,7 @@ def eval_cmd(
     _print_metrics(f"{model_dir} on {data}", row)
     if json_out:
         atomic_write_json(json_out, row)
-    print(json.dumps(row))
-
-
-def _score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[dict[str, Any]]:
-    """Rows of a `score` input, each checked to hold text in the prompt and response fields."""
-    for line, row in iter_rows(input):
-        for f in (prompt_field, response_field):
-            if not isinstance(row.get(f), str):
-                raise DataError("missing or not text", file=input, line=line, field=f)
-        yield row
-
-
-def _add_scores(scorer: Any, rows: list[dict[str, Any]], fields: tuple[str, str],
-                progress: Callable[[int], None] | None = None) -> None:
-    """Add `reward` to each row and, for uncertainty specs, reward_std, reward_var, reward_penalized and penalty."""
-    if not rows:
-        return
-    scores = scorer.score([r[fields[0]] for r in rows], [r[fields[1]] for r in rows], progress=progress)
-    for r, s in zip(rows, scores.rows(), strict=True):
-        r["reward"] = s["reward"]
-        if scorer.spec.family.value != "map":
-            std = s["std"]
-            if std is not None:
-                r |= {"reward_std": std, "reward_var": std**2}
-            r |= {"reward_penalized": s["selection"], "penalty": str(scorer.spec)}
-
-
-def _score_device(device: str, index: int) -> str | None:
-    """`--device auto`: GPU index mod #GPUs when CUDA is available, else None (CPU); anything else as given."""
-    import torch
-
-    if device != "auto":
-        return device
-    return f"cuda:{index % torch.cuda.device_count()}" if torch.cuda.is_available() else None
-
-
-def _score_shard(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], index: int, num: int,
-                 batch_size: int, device: str | None) -> None:
-    """Score rows of shard `index` of `num` into its shard file (skipped if that file exists)."""
-    import itertools
-    import time
-
-    from bayesrm import shard as sh
-    from bayesrm.scoring import Scorer
-
-    total = sum(1 for _ in _score_rows(input, *fields))
-    sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num))
-    if sh.shard_path(out, index, num).exists():
-        console.print(f"shard {index}/{num} already done")
-        return
-    span, t0 = sh.shard_range(total, index, num), time.perf_counter()
-    rows = list(itertools.islice(_score_rows(input, *fields), span.start, span.stop))
-    _add_scores(Scorer.load(model_dir, spec, device=device, batch_size=batch_size), rows, fields)
-    sh.write_shard(out, index, num, rows)
-    console.print(f"shard {index}/{num}: {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
-
-
-def _score_parallel(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], num: int,
-                    batch_size: int, threads: int | None, device: str) -> None:
-    """Score `num` shards in `num` processes, then merge in input order.
-
-    This process scores the first unfinished shard itself and starts `bayesrm score --shard i/num` for the others.
-    """
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    import torch
-
-    from bayesrm import shard as sh
-
-    total = sum(1 for _ in _score_rows(input, *fields))  # every row is checked before any worker starts
-    if sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num), discard=True):
-        console.print(f"discarded shards of a different earlier run in {sh.shard_dir(out)}")
-    todo = sh.pending_shards(out, num)
-    if len(todo) < num:
-        console.print(f"{num - len(todo)} of {num} shards already done")
-    t = threads or sh.threads_per_process(max(len(todo), 1))
-    env = os.environ | {"OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t), "RAYON_NUM_THREADS": str(t)}
-    base = [sys.executable, "-m", "bayesrm", "score", str(model_dir), input, "--out", str(out), "--spec", spec,
-            "--batch-size", str(batch_size), "--prompt-field", fields[0], "--response-field", fields[1],
-            "--threads", str(t)]
-    procs = {i: subprocess.Popen([*base, "--shard", f"{i}/{num}", "--device", _score_device(device, i) or "cpu"],
-                                 env=env) for i in todo[1:]}
-    try:
-        if todo:
-            torch.set_num_threads(t)
-            _score_shard(model_dir, input, out, spec, fields, todo[0], num, batch_size, _score_device(device, todo[0]))
-        codes = {i: p.wait() for i, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
-    failed = {i: c for i, c in codes.items() if c != 0}
-    if failed:
-        raise ValueError(f"shards {sorted(failed)} of {num} failed (exit codes {sorted(set(failed.values()))}); "
-                         "rerun the same command to redo only unfinished shards")
-    rows = sh.merge_shards(out, num, total)
-    shutil.rmtree(sh.shard_dir(out))
-    console.print(f"wrote {rows} scored rows to {out} ({num} shards)")
+    print(json_text(row, "<stdout>"))
 
 
 @app.command("score")
@@ -398,8 +323,6 @@ def score_cmd(
 
     Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) each rank scores its shard and rank 0 merges.
     """
-    import shutil
-
     import torch
 
     from bayesrm import shard as sh
@@ -412,28 +335,24 @@ def score_cmd(
     if num_processes < 1 or (shard is not None and num_processes > 1):
         raise ValueError("--num-processes must be ≥ 1 and cannot be combined with --shard")
     spec = str(parse_spec(f"la:{penalty}:k={k}" if uncertainty else (spec or "map")))
+    check_target(out)
     fields = (prompt_field, response_field)
     if threads:
         torch.set_num_threads(threads)
     ranked = sh.launcher_rank() if shard is None and num_processes == 1 else None
     if shard is not None:
         i, n = sh.parse_shard(shard)
-        _score_shard(model_dir, input, out, spec, fields, i, n, batch_size, _score_device(device, i))
+        sh.score_shard(model_dir, input, out, spec, fields, i, n, batch_size, sh.score_device(device, i), console.print)
     elif ranked is not None:
-        rank, world, local = ranked
-        _score_shard(model_dir, input, out, spec, fields, rank, world, batch_size, _score_device(device, local))
-        if rank == 0:
-            sh.wait_for_shards(out, world)
-            merged = sh.merge_shards(out, world)
-            shutil.rmtree(sh.shard_dir(out))
-            console.print(f"wrote {merged} scored rows to {out} ({world} ranks)")
+        sh.score_ranked(model_dir, input, out, spec, fields, *ranked, batch_size, device, console.print)
     elif num_processes > 1:
-        _score_parallel(model_dir, input, out, spec, fields, num_processes, batch_size, threads, device)
+        sh.score_parallel(model_dir, input, out, spec, fields, num_processes, batch_size, threads, device,
+                          console.print)
     else:
-        rows = list(_score_rows(input, *fields))
-        scorer = Scorer.load(model_dir, spec, device=_score_device(device, 0), batch_size=batch_size)
+        rows = list(sh.score_rows(input, *fields))
+        scorer = Scorer.load(model_dir, spec, device=sh.score_device(device, 0), batch_size=batch_size)
         with progress_bar("scoring", len(rows), console) as advance:
-            _add_scores(scorer, rows, fields, advance)
+            sh.add_scores(scorer, rows, fields, advance)
         write_jsonl(out, rows)
         console.print(f"wrote {len(rows)} scored rows to {out}")
 
@@ -456,7 +375,9 @@ def standardize_cmd(
     if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):  # pairs: both sides
         prompts, responses = reference_responses(_load(reference, DataFormat.AUTO.value, None, False), limit)
     else:
-        checked = list(_score_rows(reference, prompt_field, response_field))[:limit]
+        from bayesrm.shard import score_rows
+
+        checked = list(score_rows(reference, prompt_field, response_field))[:limit]
         prompts, responses = [r[prompt_field] for r in checked], [r[response_field] for r in checked]
     mean, std = fit_standardization(ensemble_dir, prompts, responses, source=f"{reference} ({len(responses)})",
                                     batch_size=batch_size)
@@ -570,7 +491,7 @@ def explain_cmd(
                   f"{rep['active_theta']} a θ > 0 on some response")
     for f in rep["factors"]:
         t = Table(title=f"factor {f['factor']}: Φ={f['phi']:.4g}, mean θ={f['mean_theta']:.4g}, "
-                        f"active {f['active_frac']:.0%}, r(θ, words)={f['length_corr']:.2f}")
+                        f"active {f['active_frac']:.0%}, r(θ, words)={_fmt(f['length_corr'], '.2f')}")
         for col in ("θ", "words", "prompt", "response"):
             t.add_column(col, justify="right" if col in ("θ", "words") else "left")
         for x in f["top"]:
@@ -599,6 +520,13 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="cpu | cuda:0 … (default: where the model loads)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (warning: no access log)")] = "info",
+    max_queue_s: Annotated[float | None, typer.Option(help="a request not being scored after this long gets 503 "
+                                                           "+ Retry-After (default: ServeConfig's)")] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(help="a request not answered after this long gets 504 "
+                                                                 "+ Retry-After (default: ServeConfig's)")] = None,
+    header_timeout_s: Annotated[float | None, typer.Option(help="close connections that have not sent complete "
+                                                                "headers after this long (default: ServeConfig's)")
+                                ] = None,
 ) -> None:
     """HTTP scoring server: POST /v1/score {prompt, responses} → reward, std, selection; /health, /metrics."""
     import torch
@@ -607,10 +535,12 @@ def serve_cmd(
 
     if threads:
         torch.set_num_threads(threads)
+    limits: dict[str, Any] = {k: v for k, v in (("max_queue_s", max_queue_s), ("request_timeout_s", request_timeout_s),
+                                ("header_timeout_s", header_timeout_s)) if v is not None}
     serve(model_dir, ServeConfig(host=host, port=port, spec=spec, max_batch_responses=max_batch,
                                  max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_responses=max_responses,
                                  max_tokens=max_tokens, api_key_env=api_key_env, batch_size=batch_size,
-                                 log_level=log_level),
+                                 log_level=log_level, **limits),
           device=device)
 
 

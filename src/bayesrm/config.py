@@ -5,9 +5,13 @@ This module imports nothing heavy: the CLI reads its defaults from these datacla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
+
+from bayesrm.templates import ResponseKeep, Template
+
+EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
 
 
 def _choice(enum: type[Enum], value: Any, name: str) -> Any:
@@ -120,3 +124,71 @@ class LaplaceConfig:
     def for_training(self, train: dict[str, Any]) -> LaplaceConfig:
         """This config with the likelihood of a run's TrainConfig fields (margin, center_coef)."""
         return replace(self, margin=float(train.get("margin", 0.0)), center_coef=float(train.get("center_coef", 0.0)))
+
+
+class Head(str, Enum):
+    """What turns the reward-token features into a reward (`heads.build_head`)."""
+
+    LINEAR = "linear"  # nn.Linear(d, 1): the BT scalar head
+    BNRM = "bnrm"  # Bayesian non-negative factor head (bayesrm.bnrm), with predictive moments
+
+
+class Pooling(str, Enum):
+    """Which hidden state the scalar head reads."""
+
+    AUTO = "auto"  # LAST for decoders, FIRST for encoders
+    LAST = "last"  # last non-pad token (decoders)
+    FIRST = "first"  # first token, e.g. [CLS] (encoders)
+    MEAN = "mean"  # mean over non-pad tokens
+
+
+_LEGACY_TRUNCATION: dict[str, Any] = {"prompt_budget": 0.0, "response_keep": "end"}  # saved before these fields
+_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
+
+
+@dataclass
+class RMConfig:
+    """Everything needed to rebuild a reward model and format its inputs."""
+
+    backbone: str = EMBEDDED_BACKBONE  # hub id, local path, or the embedded all-MiniLM-L6-v2
+    template: str = Template.OASST.value  # prompt template (oasst | chat | plain)
+    max_length: int = 500  # tokens, including the prompt and special tokens
+    prompt_budget: float = 0.25  # share of max_length kept for the end of the prompt when a pair is too long
+    response_keep: str = ResponseKeep.AUTO.value  # auto | end | start: which end of a long response survives
+    pooling: str = Pooling.AUTO.value  # where the reward is read
+    lora_r: int = 8  # paper: r=8
+    lora_alpha: int = 16  # paper: α=16
+    lora_dropout: float = 0.0  # paper: 0
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+    lora_seed: int = 0  # seeds LoRA A init and the head init
+    gguf_file: str | None = None  # load a GGUF checkpoint inside `backbone` (a folder or hub repo)
+    dtype: str = "float32"  # backbone weights dtype (float32 | bfloat16 | float16)
+    disable_dropout: bool = True  # zero the backbone's dropout (as TRL's RewardConfig does); LoRA dropout is separate
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (data, seeds, …)
+    head: str = Head.LINEAR.value  # linear | bnrm
+    bnrm: dict[str, Any] | None = None  # BNRMConfig fields for head="bnrm" (None: its defaults)
+    freeze_backbone: bool = False  # train the head only: the LoRA adapter stays at its no-op init (B = 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
+        return {k: v for k, v in asdict(self).items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
+
+    def __post_init__(self) -> None:
+        if self.head == Head.BNRM.value:  # saved in full, so a loaded model rebuilds the same head
+            from bayesrm.bnrm import BNRMConfig
+
+            self.bnrm = asdict(BNRMConfig.from_dict(self.bnrm or {}))
+        if not 0.0 <= self.prompt_budget < 1.0:
+            raise ValueError(f"prompt_budget must be in [0, 1), got {self.prompt_budget}")
+        for name, enum in (("response_keep", ResponseKeep), ("pooling", Pooling), ("head", Head),
+                           ("template", Template)):
+            setattr(self, name, _choice(enum, getattr(self, name), name))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"format_version", "checksums"}  # metadata saved beside the fields
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        d = _LEGACY_TRUNCATION | d  # saved before prompt-aware truncation: keep scoring them as they were trained
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -25,11 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesrm.data import Pair, pairs_fingerprint
+from bayesrm.batching import scoring_batches
+from bayesrm.data import DataError, Pair, pairs_fingerprint
 from bayesrm.heads import Head, LinearHead
+from bayesrm.integrity import load_tensors, one_line, require_finite, verify_checksums
 from bayesrm.io import atomic_write_json
 from bayesrm.laplace import LaplacePosterior
 from bayesrm.model import (
+    ADAPTER_NAME,
     CONFIG_NAME,
     HEAD_NAME,
     INIT_NAME,
@@ -38,10 +41,10 @@ from bayesrm.model import (
     RMConfig,
     is_encoder,
     load_backbone,
+    read_config,
 )
 from bayesrm.objectives import reference_stats, standardize, standardize_var
 from bayesrm.run import MANIFEST_NAME, MODEL_DIR, RunDir, find_model_dir
-from bayesrm.templates import collate, length_sorted_batches
 from bayesrm.train import TrainConfig, train
 
 SHARED_FIELDS = ("backbone", "gguf_file", "dtype", "template", "max_length", "pooling", "prompt_budget",
@@ -243,6 +246,8 @@ def _posterior_for(post: LaplacePosterior, adapter: str) -> LaplacePosterior:
     blocks = {_rename_adapter(k, adapter): b for k, b in post.blocks.items()}
     out = LaplacePosterior(blocks, post.cfg, post.n_data, post.log_lik)
     out.tau = {_rename_adapter(k, adapter): t for k, t in post.tau.items()}
+    out.head, out.source = post.head, post.source
+    out.fitted_pairs, out.data_fingerprint = post.fitted_pairs, post.data_fingerprint
     return out
 
 
@@ -311,16 +316,14 @@ class EnsembleRewardModel(nn.Module):
              ) -> EnsembleRewardModel:
         """Load an ensemble dir (manifest.json or member_* dirs) or a list of member dirs onto one backbone."""
         from peft import PeftModel
-        from safetensors.torch import load_file
 
         dirs = _member_dirs(source)
         model_dirs = [find_model_dir(d) for d in dirs]
         configs = []
         for md in model_dirs:
-            try:
-                configs.append(RMConfig.from_dict(json.loads((md / CONFIG_NAME).read_text())))
-            except (json.JSONDecodeError, ValueError, TypeError) as e:
-                raise ValueError(f"{md / CONFIG_NAME}: {e}") from None
+            cfg, meta = read_config(md)
+            verify_checksums(md, meta, md / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
+            configs.append(cfg)
         if any(c.head != Head.LINEAR.value for c in configs):
             raise ValueError(f"{source}: ensembles of '{configs[0].head}' heads are not supported (members share one "
                              "backbone with linear BT heads); score BNRM members one at a time")
@@ -330,15 +333,26 @@ class EnsembleRewardModel(nn.Module):
                 raise ValueError(f"ensemble members differ in '{f}' ({vals}); they must share one backbone setup")
         names = [member_name(i) for i in range(len(dirs))]
         base, tok = load_backbone(configs[0])
-        peft = PeftModel.from_pretrained(base, str(model_dirs[0]), adapter_name=names[0])
-        for name, md in zip(names[1:], model_dirs[1:], strict=True):
-            peft.load_adapter(str(md), adapter_name=name)
+        peft: Any = base
+        for name, md in zip(names, model_dirs, strict=True):
+            try:
+                if peft is base:
+                    peft = PeftModel.from_pretrained(base, str(md), adapter_name=name)
+                else:
+                    peft.load_adapter(str(md), adapter_name=name)
+            except Exception as e:  # peft raises RuntimeError (size mismatch), SafetensorError, OSError, ValueError
+                raise DataError(f"adapter does not load: {one_line(e)}", file=str(md / ADAPTER_NAME)) from None
         hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
         heads = nn.ModuleDict({n: LinearHead(hidden) for n in names})
         inits = []
         for name, md in zip(names, model_dirs, strict=True):
-            heads[name].load_state_dict(load_file(str(md / HEAD_NAME)))
-            raw = load_file(str(md / INIT_NAME)) if (md / INIT_NAME).exists() else {}
+            head = load_tensors(md / HEAD_NAME)
+            require_finite(head, md / HEAD_NAME)
+            try:
+                heads[name].load_state_dict(head)
+            except RuntimeError as e:
+                raise DataError(f"does not fit a linear head: {one_line(e)}", file=str(md / HEAD_NAME)) from None
+            raw = load_tensors(md / INIT_NAME) if (md / INIT_NAME).exists() else {}
             inits.append({_rename_adapter(k, name): v for k, v in raw.items()})
         heads.requires_grad_(False)
         model = cls(configs, peft, heads, tok, inits, dirs)
@@ -381,9 +395,7 @@ class EnsembleRewardModel(nn.Module):
         self.eval()
         ids = self.encode(prompts, responses)
         out = torch.empty(len(self), len(ids))  # (M, N)
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)  # (B, T)
-            x, m = x.to(self.device), m.to(self.device)
+        for idx, x, m in scoring_batches(ids, batch_size, self.pad_id, self.device):  # (B, T)
             for j, view in enumerate(self._views):
                 out[j, idx] = view(x, m).float().cpu()
             if progress is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -145,14 +144,13 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
         model = RewardModel.load(mdir)
         run = RunDir.of(mdir)
         lcfg = cfg.laplace.for_training(asdict(cfg.train))
-        post = LaplacePosterior.load(run.require_posterior()) if run.find_posterior() is not None else None
+        found = run.find_posterior()
+        post = LaplacePosterior.load(found, model) if found is not None else None  # checked against the model
         if post is not None and asdict(post.cfg) != asdict(lcfg):
             log(f"member {i}: the posterior in {run.posterior_dir} was fitted with other laplace settings; refitting")
             post = None
             (mdir / "eval_scores.npz").unlink(missing_ok=True)
-        if post is not None:
-            post.check_matches(model)
-        else:
+        if post is None:
             log(f"member {i}: fitting Laplace-LoRA on {len(train_pairs)} pairs")
             with progress_bar("laplace fit (pairs)", len(train_pairs)) as advance:
                 post = fit_laplace(model, train_pairs, lcfg, val_pairs=val_pairs,
@@ -218,7 +216,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     return results
 
 
-def _within_prompt_corr(proxy: list[list[float]], gold: list[list[float]]) -> float:
+def _within_prompt_corr(proxy: list[list[float]], gold: list[list[float]]) -> float | None:
     """Mean over prompts of the Spearman correlation between proxy and gold within a pool (note §8)."""
     from scipy.stats import spearmanr
 
@@ -226,10 +224,10 @@ def _within_prompt_corr(proxy: list[list[float]], gold: list[list[float]]) -> fl
     for p, g in zip(proxy, gold, strict=True):
         if np.std(p) > 0 and np.std(g) > 0:
             vals.append(float(spearmanr(p, g).statistic))
-    return float(np.mean(vals)) if vals else math.nan
+    return float(np.mean(vals)) if vals else None  # undefined: no pool with spread in both
 
 
-def results_table(curves: list[BonCurve], corr: float) -> str:
+def results_table(curves: list[BonCurve], corr: float | None) -> str:
     """Markdown table: gold at n=1, at the largest n, and the best gold with its KL, per method."""
     lines = ["| method | gold n=1 | gold n=max (KL) | best gold (KL) | proxy n=max |", "|---|---|---|---|---|"]
     for c in curves:
@@ -237,7 +235,8 @@ def results_table(curves: list[BonCurve], corr: float) -> str:
         lines.append(f"| {c.name} | {c.gold[0]:.4f} | {c.gold[-1]:.4f} ± {(c.gold_hi[-1] - c.gold_lo[-1]) / 2:.4f} "
                      f"({c.kl[-1]:.2f}) | {c.gold[b]:.4f} ({c.kl[b]:.2f}) | {c.proxy[-1]:.3f} |")
     lines.append("")
-    lines.append(f"Within-prompt Spearman(proxy MAP, gold) on the evaluation pools: {corr:.3f}")
+    lines.append("Within-prompt Spearman(proxy MAP, gold) on the evaluation pools: "
+                 + ("n/a" if corr is None else f"{corr:.3f}"))
     return "\n".join(lines) + "\n"
 
 

@@ -13,18 +13,12 @@ Every head is an `nn.Module` with
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
 
-
-class Head(str, Enum):
-    """What turns the reward-token features into a reward."""
-
-    LINEAR = "linear"  # nn.Linear(d, 1): the BT scalar head
-    BNRM = "bnrm"  # Bayesian non-negative factor head (bayesrm.bnrm), with predictive moments
+from bayesrm.config import Head
 
 
 class LinearHead(nn.Linear):

@@ -31,15 +31,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bayesrm.batching import pair_batches, scoring_batches
 from bayesrm.config import KFACVariant, LaplaceConfig, PriorStructure, Subset, TauMethod
-from bayesrm.data import Pair, pair_hash, pairs_fingerprint
-from bayesrm.io import atomic_dir
+from bayesrm.data import DataError, Pair, pair_hash, pairs_fingerprint
+from bayesrm.integrity import (
+    CHECKSUMS_KEY,
+    load_tensors,
+    require_finite,
+    require_positive,
+    tensor_checksums,
+    verify_checksums,
+)
+from bayesrm.io import atomic_dir, json_text
+from bayesrm.losses import bt_ggn_weight, pair_nll
 from bayesrm.model import RewardModel
 from bayesrm.run import POSTERIOR_META, RunDir
-from bayesrm.templates import collate, length_sorted_batches
 
 HEAD_KEY = "head"  # block name of the head-only posterior over head.weight
 
@@ -204,29 +212,6 @@ def head_prior_mean(model: RewardModel, cfg: LaplaceConfig) -> torch.Tensor:
     return torch.zeros_like(theta, dtype=torch.double, device="cpu")
 
 
-def bt_ggn_weight(delta: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """GGN weight of the BT likelihood Λ = p(1 − p) with p = σ(Δ − m) (Bradley & Terry 1952; §2)."""
-    p = torch.sigmoid(delta - margin)
-    return p * (1.0 - p)
-
-
-def bt_log_lik(rw: torch.Tensor, rl: torch.Tensor, margin: float = 0.0, center_coef: float = 0.0) -> torch.Tensor:
-    """Per-pair log-likelihood the MAP maximised: log σ(Δ − m) − c (r_w + r_l)² (Eisenstein et al. 2023 centering)."""
-    out = F.logsigmoid(rw - rl - margin)
-    return out - center_coef * (rw + rl).square() if center_coef else out
-
-
-def _pair_batches(model: RewardModel, pairs: Sequence[Pair], batch_size: int
-                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(B, input_ids, mask) per chunk of B pairs: rows 0..B−1 chosen, B..2B−1 rejected, on the model's device."""
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        prompts = [p.prompt for p in chunk]
-        ids = model.encode(prompts, [p.chosen for p in chunk]) + model.encode(prompts, [p.rejected for p in chunk])
-        x, m = collate(ids, model.pad_id)  # (2B, T)
-        yield len(chunk), x.to(model.device), m.to(model.device)
-
-
 # --------------------------------------------------------------------------- posterior
 
 
@@ -264,6 +249,8 @@ class LaplacePosterior:
         self.log_lik = log_lik
         self.tau: dict[str, float] = {k: cfg.prior_precision for k in blocks}
         self._grids = {k: b.grid() for k, b in blocks.items()}
+        self.head: torch.Tensor | None = None  # the model's head weight at the fit (check_matches compares it)
+        self.source: Path | None = None  # the directory it was loaded from (named in errors)
         self.fitted_pairs: torch.Tensor | None = None  # (n_data,) int64 `pair_hash` of each pair it was fitted on
         self.data_fingerprint: str | None = None  # `pairs_fingerprint` of those pairs
 
@@ -394,9 +381,8 @@ class LaplacePosterior:
         """`predict` on already tokenised inputs (e.g. shared by the members of an ensemble)."""
         model.eval()
         mean, var = torch.empty(len(ids), dtype=torch.double), torch.empty(len(ids), dtype=torch.double)
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], model.pad_id)
-            r, J = self.jacobians(model, x.to(model.device), m.to(model.device))
+        for idx, x, m in scoring_batches(ids, batch_size, model.pad_id, model.device):
+            r, J = self.jacobians(model, x, m)
             v, _ = self._variance_from(J, None)
             mean[idx], var[idx] = r.double().cpu(), v.double().cpu()
             if progress is not None:
@@ -409,7 +395,7 @@ class LaplacePosterior:
         model.eval()
         mus: list[torch.Tensor] = []
         Ss: dict[str, list[torch.Tensor]] = {k: [] for k in self.blocks}
-        for B, x, m in _pair_batches(model, pairs, batch_size):
+        for B, x, m in pair_batches(model, pairs, batch_size):
             r, J = self.jacobians(model, x, m)
             rows = torch.stack([torch.arange(B), torch.arange(B, 2 * B)])
             _, S = self._variance_from(J, rows)
@@ -437,47 +423,98 @@ class LaplacePosterior:
         if self.fitted_pairs is not None:
             tensors["fitted_pairs"] = self.fitted_pairs.contiguous()
         for i, (k, b) in enumerate(self.blocks.items()):
-            for f in ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0"):
+            for f in _TENSORS:
                 tensors[f"{i}.{f}"] = getattr(b, f).contiguous()
             meta["blocks"][k] = {"index": i, "g_rho": b.g_rho, "a_rho": b.a_rho}
+        if self.head is not None and HEAD_KEY not in self.blocks:
+            tensors[HEAD_KEY] = self.head.contiguous()
         with atomic_dir(path) as tmp:
-            save_file(tensors, str(tmp / "posterior.safetensors"))
-            (tmp / POSTERIOR_META).write_text(json.dumps(meta, indent=2) + "\n")
+            save_file(tensors, str(tmp / POSTERIOR_FILE))
+            meta[CHECKSUMS_KEY] = tensor_checksums(tmp)
+            (tmp / POSTERIOR_META).write_text(json_text(meta, Path(path) / POSTERIOR_META, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> LaplacePosterior:
-        """Load a posterior written by `save`."""
-        from safetensors.torch import load_file
-
+    def load(cls, path: str | Path, model: RewardModel | None = None) -> LaplacePosterior:
+        """Load, verify (checksums, finite tensors, shapes, eigenvalues ≥ 0, τ > 0) and, given `model`, check it."""
         p = Path(path)
         if not (p / POSTERIOR_META).exists():  # a run or model directory: its posterior
             p = RunDir.of(p).find_posterior() or p
-        if not (p / POSTERIOR_META).exists():
+        meta_file, tensor_file = p / POSTERIOR_META, p / POSTERIOR_FILE
+        if not meta_file.is_file():
             raise FileNotFoundError(f"{p}: no Laplace posterior ({POSTERIOR_META}) here; run `bayesrm laplace` first")
-        meta = json.loads((p / POSTERIOR_META).read_text())
-        t = load_file(str(p / "posterior.safetensors"))
-        blocks = {}
-        for k, info in meta["blocks"].items():
-            i = info["index"]
-            blocks[k] = KronBlock(t[f"{i}.g_vals"], t[f"{i}.g_vecs"], info["g_rho"], t[f"{i}.a_vals"],
-                                  t[f"{i}.a_vecs"], info["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
-        post = cls(blocks, LaplaceConfig(**meta["config"]), meta["n_data"], meta["log_lik"])
-        post.tau = {k: float(v) for k, v in meta["tau"].items()}
-        post.fitted_pairs = t.get("fitted_pairs")
-        post.data_fingerprint = meta.get("data_fingerprint")
+        try:
+            meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+            verify_checksums(p, meta, meta_file, required=(POSTERIOR_FILE,))
+            t = load_tensors(tensor_file)
+            require_finite(t, tensor_file)
+            blocks = {}
+            for k, info in meta["blocks"].items():
+                i = info["index"]
+                rho = {r: require_positive(info[r], f"block {k}: {r}", meta_file, allow_zero=True)
+                       for r in ("g_rho", "a_rho")}
+                blk = KronBlock(t[f"{i}.g_vals"], t[f"{i}.g_vecs"], rho["g_rho"], t[f"{i}.a_vals"],
+                                t[f"{i}.a_vecs"], rho["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
+                _check_block(k, blk, tensor_file)
+                blocks[k] = blk
+            cfg = LaplaceConfig(**meta["config"])
+            require_positive(cfg.temperature, "config.temperature", meta_file)
+            post = cls(blocks, cfg, meta["n_data"], meta["log_lik"])
+            tau = meta["tau"]
+            if not isinstance(tau, dict) or set(tau) != set(blocks):
+                raise DataError("'tau' must give one prior precision per block", file=str(meta_file))
+            post.tau = {k: require_positive(v, f"tau of {k}", meta_file) for k, v in tau.items()}
+            post.head = t.get(HEAD_KEY) if HEAD_KEY not in blocks else None
+            post.fitted_pairs = t.get("fitted_pairs")
+            post.data_fingerprint = meta.get("data_fingerprint")
+        except DataError:
+            raise
+        except KeyError as e:
+            raise DataError(f"missing entry {e}", file=str(meta_file if e.args[0] in _META_ENTRIES else tensor_file)
+                            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            raise DataError(f"malformed ({e})", file=str(meta_file)) from None
+        post.source = p
+        if model is not None:
+            post.check_matches(model)
         return post
 
     def check_matches(self, model: RewardModel, atol: float = 1e-6) -> None:
-        """Raise if the model's LoRA weights are not the MAP this posterior was fitted at (linear heads only)."""
+        """Raise if the model's LoRA weights (and head) are not the MAP this posterior was fitted at (linear heads)."""
+        where = str(self.source) if self.source is not None else None
         params = {k: p.detach() for k, p in model.named_parameters()} | {HEAD_KEY: head_theta(model)}
         for k, b in self.blocks.items():
             if k not in params:
-                raise ValueError(f"posterior tensor {k} not found in the model")
+                raise DataError(f"posterior tensor {k} not found in the model; it belongs to another model",
+                                file=where)
             if tuple(params[k].shape) != tuple(b.theta.shape):
-                raise ValueError(f"posterior tensor {k} has shape {tuple(b.theta.shape)}, the model's "
-                                 f"{tuple(params[k].shape)}; refit the posterior (`bayesrm laplace`)")
+                raise DataError(f"posterior tensor {k} has shape {tuple(b.theta.shape)}, the model's "
+                                f"{tuple(params[k].shape)}; refit the posterior (`bayesrm laplace`)", file=where)
             if not torch.allclose(params[k].double().cpu(), b.theta.double(), atol=atol):
-                raise ValueError(f"model weights differ from the posterior's MAP at {k}; refit the posterior")
+                raise DataError(f"model weights differ from the posterior's MAP at {k}; refit the posterior",
+                                file=where)
+        if self.head is not None and (self.head.shape != params[HEAD_KEY].shape or not torch.allclose(
+                params[HEAD_KEY].double().cpu(), self.head.double(), atol=atol)):
+            raise DataError("model head differs from the one the posterior was fitted with; refit the posterior",
+                            file=where)
+
+
+_TENSORS = ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0")
+_META_ENTRIES = ("blocks", "config", "n_data", "log_lik", "tau", "index", "g_rho", "a_rho")
+POSTERIOR_FILE = "posterior.safetensors"
+
+
+def _check_block(name: str, b: KronBlock, file: Path) -> None:
+    """DataError unless the block's shapes agree (vals (k,), vecs (d, k), θ and μ0 (o, i)) and eigenvalues are ≥ 0."""
+    o, i = b.shape
+    ok = (b.g_vals.dim() == 1 and b.a_vals.dim() == 1 and b.g_vecs.dim() == 2 and b.a_vecs.dim() == 2
+          and b.g_vecs.shape[1] == b.g_vals.numel() and b.a_vecs.shape[1] == b.a_vals.numel()
+          and tuple(b.theta.shape) == (o, i) and tuple(b.mu0.shape) == (o, i))
+    if not ok:
+        raise DataError(f"block {name}: inconsistent tensor shapes", file=str(file))
+    if bool((b.g_vals < 0).any()) or bool((b.a_vals < 0).any()):
+        raise DataError(f"block {name}: negative curvature eigenvalues", file=str(file))
 
 
 def _require_linear_head(model: RewardModel) -> nn.Linear:
@@ -513,14 +550,14 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
     A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double) for k, m in modules.items()}
     norm = dict.fromkeys(modules, 0.0)  # what A is divided by: rows, tokens, or Σ ‖J̃‖² (PAIR)
     log_lik = 0.0
-    for B, x, m in _pair_batches(model, pairs, batch_size):
+    for B, x, m in pair_batches(model, pairs, batch_size):
 
         def weights(r: torch.Tensor, B: int = B) -> torch.Tensor:
             lam = bt_ggn_weight(r[:B] - r[B:], margin)
             return torch.cat([lam.sqrt(), -lam.sqrt()])
 
         r, a, g = _batch_jacobians(model, modules, x, m, None if var is KFACVariant.PAIR else weights)
-        log_lik += float(bt_log_lik(r[:B], r[B:], margin, center_coef).double().sum())
+        log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         mask = m.double()  # (2B, T)
         if var is KFACVariant.PAIR:
             lam = bt_ggn_weight(r[:B] - r[B:], margin).double().sqrt()[:, None, None]  # (B, 1, 1)
@@ -559,7 +596,7 @@ def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
     model.eval()
     ggn: torch.Tensor | None = None
     log_lik = 0.0
-    for B, x, m in _pair_batches(model, pairs, batch_size):
+    for B, x, m in pair_batches(model, pairs, batch_size):
         r, phi = head_features(model, x, m)  # (2B,), (2B, d)
         lam = bt_ggn_weight(r[:B] - r[B:], margin).double()  # (B,)
         dphi = (phi[:B] - phi[B:]).double()  # (B, d)
@@ -568,7 +605,7 @@ def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
             sphi = (phi[:B] + phi[B:]).double()
             part = part + 2.0 * center_coef * sphi.T @ sphi
         ggn = part.cpu() if ggn is None else ggn + part.cpu()
-        log_lik += float(bt_log_lik(r[:B], r[B:], margin, center_coef).double().sum())
+        log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         if progress is not None:
             progress(B)
     assert ggn is not None
@@ -626,4 +663,5 @@ def _tune(post: LaplacePosterior, model: RewardModel, val_pairs: Sequence[Pair])
     """Choose τ with the configured method (validation pairs only for val_nll)."""
     use_val = TauMethod(post.cfg.tau_method) is TauMethod.VAL_NLL and bool(val_pairs)
     post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val else None)
+    post.head = head_theta(model).double().cpu()
     return post

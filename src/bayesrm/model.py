@@ -5,90 +5,34 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from bayesrm.heads import Head, build_head
-from bayesrm.io import atomic_dir
+from bayesrm.batching import scoring_batches
+from bayesrm.config import EMBEDDED_BACKBONE, Pooling, RMConfig
+from bayesrm.data import DataError
+from bayesrm.heads import build_head
+from bayesrm.integrity import (
+    CHECKSUMS_KEY,
+    load_tensors,
+    one_line,
+    require_finite,
+    tensor_checksums,
+    verify_checksums,
+)
+from bayesrm.io import atomic_dir, json_text
 from bayesrm.run import CONFIG_NAME, find_model_dir
-from bayesrm.templates import ResponseKeep, Template, collate, encode, length_sorted_batches
+from bayesrm.templates import ResponseKeep, encode
 
-EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
                  "albert", "modernbert", "camembert"}
 HEAD_NAME = "head.safetensors"
 INIT_NAME = "lora_init.safetensors"
-
-
-class Pooling(str, Enum):
-    """Which hidden state the scalar head reads."""
-
-    AUTO = "auto"  # LAST for decoders, FIRST for encoders
-    LAST = "last"  # last non-pad token (decoders)
-    FIRST = "first"  # first token, e.g. [CLS] (encoders)
-    MEAN = "mean"  # mean over non-pad tokens
-
-
-_LEGACY_TRUNCATION: dict[str, Any] = {"prompt_budget": 0.0, "response_keep": "end"}  # saved before these fields
-_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
-
-
-@dataclass
-class RMConfig:
-    """Everything needed to rebuild a reward model and format its inputs."""
-
-    backbone: str = EMBEDDED_BACKBONE  # hub id, local path, or the embedded all-MiniLM-L6-v2
-    template: str = Template.OASST.value  # prompt template (oasst | chat | plain)
-    max_length: int = 500  # tokens, including the prompt and special tokens
-    prompt_budget: float = 0.25  # share of max_length kept for the end of the prompt when a pair is too long
-    response_keep: str = ResponseKeep.AUTO.value  # auto | end | start: which end of a long response survives
-    pooling: str = Pooling.AUTO.value  # where the reward is read
-    lora_r: int = 8  # paper: r=8
-    lora_alpha: int = 16  # paper: α=16
-    lora_dropout: float = 0.0  # paper: 0
-    target_modules: list[str] | None = None  # None: peft's default for the architecture
-    lora_seed: int = 0  # seeds LoRA A init and the head init
-    gguf_file: str | None = None  # load a GGUF checkpoint inside `backbone` (a folder or hub repo)
-    dtype: str = "float32"  # backbone weights dtype (float32 | bfloat16 | float16)
-    disable_dropout: bool = True  # zero the backbone's dropout (as TRL's RewardConfig does); LoRA dropout is separate
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (data, seeds, …)
-    head: str = Head.LINEAR.value  # linear | bnrm
-    bnrm: dict[str, Any] | None = None  # BNRMConfig fields for head="bnrm" (None: its defaults)
-    freeze_backbone: bool = False  # train the head only: the LoRA adapter stays at its no-op init (B = 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
-        return {k: v for k, v in asdict(self).items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
-
-    def __post_init__(self) -> None:
-        if self.head == Head.BNRM.value:  # saved in full, so a loaded model rebuilds the same head
-            from bayesrm.bnrm import BNRMConfig
-
-            self.bnrm = asdict(BNRMConfig.from_dict(self.bnrm or {}))
-        if not 0.0 <= self.prompt_budget < 1.0:
-            raise ValueError(f"prompt_budget must be in [0, 1), got {self.prompt_budget}")
-        for name, enum in (("response_keep", ResponseKeep), ("pooling", Pooling), ("head", Head),
-                           ("template", Template)):
-            try:
-                setattr(self, name, enum(getattr(self, name)).value)
-            except ValueError:
-                raise ValueError(f"{name} must be one of {[e.value for e in enum]}, "
-                                 f"got {getattr(self, name)!r}") from None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"format_version"}
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        d = _LEGACY_TRUNCATION | d  # saved before prompt-aware truncation: keep scoring them as they were trained
-        return cls(**{k: v for k, v in d.items() if k in known})
+ADAPTER_NAME = "adapter_model.safetensors"  # peft's file name
 
 
 def resolve_backbone(name: str) -> str:
@@ -236,17 +180,8 @@ class RewardModel(nn.Module):
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
               progress: Any = None) -> torch.Tensor:
         """MAP rewards (N,) in input order, batched by similar length; eval mode."""
-        was_training = self.training
-        self.eval()
-        ids = self.encode(prompts, responses)
-        out = torch.empty(len(ids))
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)
-            out[idx] = self(x.to(self.device), m.to(self.device)).float().cpu()
-            if progress is not None:
-                progress(len(idx))
-        self.train(was_training)
-        return out
+        r = self.per_response(prompts, responses, lambda f: self.head(f, "mean").unsqueeze(-1), batch_size, progress)
+        return r[:, 0].float() if r.numel() else torch.empty(0)
 
     @torch.no_grad()
     def per_response(self, prompts: Sequence[str], responses: Sequence[str], fn: Any, batch_size: int = 32,
@@ -256,9 +191,8 @@ class RewardModel(nn.Module):
         self.eval()
         ids = self.encode(prompts, responses)
         out: torch.Tensor | None = None
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)
-            y = fn(self.features(x.to(self.device), m.to(self.device))).double().cpu()  # (B, m)
+        for idx, x, m in scoring_batches(ids, batch_size, self.pad_id, self.device):
+            y = fn(self.features(x, m)).double().cpu()  # (B, m)
             out = torch.empty(len(ids), y.shape[1], dtype=torch.double) if out is None else out
             out[idx] = y
             if progress is not None:
@@ -306,35 +240,55 @@ class RewardModel(nn.Module):
             self.backbone.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_NAME))
             save_file({k: v.contiguous() for k, v in self.lora_init.items()}, str(tmp / INIT_NAME))
-            d = self.config.to_dict() | {"format_version": 1}
-            (tmp / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n")
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
+            d = self.config.to_dict() | {"format_version": 1, CHECKSUMS_KEY: tensor_checksums(tmp)}
+            (tmp / CONFIG_NAME).write_text(json_text(d, Path(path) / CONFIG_NAME, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> RewardModel:
         """Rebuild a saved model: same backbone, template, LoRA and weights → identical scores."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         p = find_model_dir(path)
-        cfg_file = p / CONFIG_NAME
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{p}: not a bayesrm model directory (no {CONFIG_NAME})")
-        try:
-            cfg = RMConfig.from_dict(json.loads(cfg_file.read_text()))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
-            raise ValueError(f"{cfg_file}: {e}") from None
+        cfg, meta = read_config(p)
+        verify_checksums(p, meta, p / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
         model = cls(cfg)
-        adapter = load_file(str(p / "adapter_model.safetensors"))
-        res = set_peft_model_state_dict(model.backbone, adapter)
+        adapter = load_tensors(p / ADAPTER_NAME)
+        require_finite(adapter, p / ADAPTER_NAME)
+        try:
+            res = set_peft_model_state_dict(model.backbone, adapter)
+        except RuntimeError as e:  # size mismatch: the config's LoRA rank or targets disagree with the weights
+            raise DataError(f"does not fit the model {CONFIG_NAME} describes (lora_r={cfg.lora_r}, target_modules="
+                            f"{cfg.target_modules}): {one_line(e)}", file=str(p / ADAPTER_NAME)) from None
         unexpected = list(getattr(res, "unexpected_keys", []))
         if unexpected:
-            raise ValueError(f"{p}: adapter has unexpected keys {unexpected[:3]}")
-        model.head.load_state_dict(load_file(str(p / HEAD_NAME)))
+            raise DataError(f"unexpected adapter keys {unexpected[:3]}", file=str(p / ADAPTER_NAME))
+        head = load_tensors(p / HEAD_NAME)
+        require_finite(head, p / HEAD_NAME)
+        try:
+            model.head.load_state_dict(head)
+        except RuntimeError as e:
+            raise DataError(f"does not fit the '{cfg.head}' head of {CONFIG_NAME}: {one_line(e)}",
+                            file=str(p / HEAD_NAME)) from None
         if (p / INIT_NAME).exists():
-            model.lora_init = load_file(str(p / INIT_NAME))
+            model.lora_init = load_tensors(p / INIT_NAME)
         model.eval()
         if device is not None:
             model.to(device)
         return model
+
+
+def read_config(model_dir: Path) -> tuple[RMConfig, dict[str, Any]]:
+    """(RMConfig, the raw bayesrm.json dict) of a model directory; DataError naming the file if unusable."""
+    cfg_file = model_dir / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a bayesrm model directory (no {CONFIG_NAME})")
+    try:
+        meta = json.loads(cfg_file.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+        return RMConfig.from_dict(meta), meta
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise DataError(str(e), file=str(cfg_file)) from None
+

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
-import torch
-
 
 class Template(str, Enum):
     """How a (prompt, response) is rendered to text before tokenisation."""
@@ -111,20 +109,3 @@ def encode(
             pre, res = _strip_wrap(list(pre), list(res), head, tail)
         out.append(head + truncate(list(pre), list(res), budget, n_prompt, keep_end) + tail)
     return out
-
-
-def collate(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into (input_ids, attention_mask), both (B, T)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), to avoid padding waste."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -14,14 +14,15 @@ from typing import Any
 
 import torch
 
+from bayesrm.batching import encode_pairs, pair_rows
 from bayesrm.config import TrainConfig
 from bayesrm.data import Pair
-from bayesrm.io import atomic_dir, atomic_write_json, write_jsonl
-from bayesrm.losses import bradley_terry_loss, centering_penalty
+from bayesrm.integrity import CHECKSUMS_KEY, load_tensors, require_finite, tensor_checksums, verify_checksums
+from bayesrm.io import atomic_dir, atomic_write_json, json_text, write_jsonl
+from bayesrm.losses import pair_nll
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import RewardModel
 from bayesrm.run import CHECKPOINT_DIR, MODEL_DIR
-from bayesrm.templates import collate
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -43,17 +44,11 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
-def encode_pairs(model: RewardModel, pairs: Sequence[Pair]) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of chosen and rejected responses."""
-    prompts = [p.prompt for p in pairs]
-    return (model.encode(prompts, [p.chosen for p in pairs]), model.encode(prompts, [p.rejected for p in pairs]))
-
-
 def pair_forward(model: torch.nn.Module, chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],
                  pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected in one forward over 2B rows (chosen first)."""
-    x, m = collate(list(chosen) + list(rejected), pad_id)  # (2B, T)
-    r = model(x.to(device), m.to(device)).float()  # (2B,)
+    x, m = pair_rows(chosen, rejected, pad_id, device)  # (2B, T)
+    r = model(x, m).float()  # (2B,)
     return r[: len(chosen)], r[len(chosen):]
 
 
@@ -93,14 +88,17 @@ def _save_checkpoint(out: Path, model: RewardModel, opt: torch.optim.Optimizer, 
         save_file({k: v.contiguous() for k, v in model.trainable_state().items()}, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **_rng_state(model.device)},
                    tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        state_file = {**state, CHECKSUMS_KEY: tensor_checksums(tmp)}
+        (tmp / "state.json").write_text(json_text(state_file, out / CHECKPOINT_DIR / "state.json", indent=2))
 
 
 def _load_checkpoint(out: Path, model: RewardModel, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
     ck = out / CHECKPOINT_DIR
-    weights = load_file(str(ck / "trainable.safetensors"))
+    state: dict[str, Any] = json.loads((ck / "state.json").read_text())
+    verify_checksums(ck, state, ck / "state.json", required=("trainable.safetensors",))
+    state.pop(CHECKSUMS_KEY, None)
+    weights = load_tensors(ck / "trainable.safetensors")
+    require_finite(weights, ck / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = set(model.trainable_state()) - set(weights)
     if missing or set(weights) - set(params):
@@ -112,7 +110,6 @@ def _load_checkpoint(out: Path, model: RewardModel, opt: torch.optim.Optimizer, 
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     _set_rng_state(blob, model.device)
-    state: dict[str, Any] = json.loads((ck / "state.json").read_text())
     return state
 
 
@@ -136,11 +133,8 @@ def bf16_is_native(device: torch.device) -> bool:
 
 
 def pair_loss(rw: torch.Tensor, rl: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Per-pair training loss: BT NLL with margin, plus the optional centering term (Eisenstein et al. 2023)."""
-    loss = bradley_terry_loss(rw, rl, cfg.margin)  # (B,)
-    if cfg.center_coef:
-        loss = loss + cfg.center_coef * centering_penalty(rw, rl)
-    return loss
+    """Per-pair training loss (B,): `losses.pair_nll` with the run's margin and centering weight."""
+    return pair_nll(rw, rl, cfg.margin, cfg.center_coef)
 
 
 @dataclass
