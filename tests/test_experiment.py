@@ -147,3 +147,27 @@ def test_cached_scores_are_recomputed_for_other_candidates(tmp_path: Path) -> No
     other = _cached_scores(path, lambda: compute(2), ["p", "p"], ["a", "c"])
     assert calls == [2, 2] and set(again) == {"mean", "var"}
     assert np.array_equal(first["mean"], again["mean"]) and np.array_equal(other["mean"], [0.0, 1.0])
+
+
+def test_rerun_says_resuming_and_refits_when_laplace_settings_change(cfg: BonConfig, tmp_path: Path) -> None:
+    """Before: a rerun said nothing about what it reused, and one with other laplace settings (now one `--set`
+    away) silently kept the old posterior and its cached scores."""
+    cfg.members = 1
+    out, logs = tmp_path / "run", []
+    run_bon(cfg, out, log=logs.append)
+    assert logs[0] == f"starting fresh: no checkpoint in {out}"
+    logs.clear()
+    run_bon(cfg, out, log=logs.append)
+    assert logs[0].startswith(f"resuming from {out}") and not any("refitting" in line for line in logs)
+    cfg.laplace = LaplaceConfig(batch_size=4, tau_method="mackay")
+    logs.clear()
+    run_bon(cfg, out, log=logs.append)
+    assert any("fitted with other laplace settings; refitting" in line for line in logs)
+    post = out / "proxy" / "member_0" / "model" / POSTERIOR_DIR / "posterior.json"
+    assert json.loads(post.read_text())["config"]["tau_method"] == "mackay"
+
+
+def test_a_missing_gold_model_fails_before_the_pool_loads(cfg: BonConfig, tmp_path: Path) -> None:
+    cfg.pool, cfg.gold = str(tmp_path / "no_pool.jsonl"), str(tmp_path / "no_gold")
+    with pytest.raises(ValueError, match=r"gold reward model .*not a bayesrm model directory"):
+        run_bon(cfg, tmp_path / "run", log=lambda *_: None)
