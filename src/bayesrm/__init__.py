@@ -22,12 +22,16 @@ _EXPORTS = {
     "SelectionSpec": "bayesrm.objectives", "parse_spec": "bayesrm.objectives",
     "RunDir": "bayesrm.run",
     "Scorer": "bayesrm.scoring", "Scores": "bayesrm.scoring",
+    "HeadConfig": "bayesrm.config", "pair_features": "bayesrm.features",
+    "fit_head_laplace": "bayesrm.feature_heads", "train_heads": "bayesrm.feature_heads",
+    "bald_bt": "bayesrm.active", "select_top": "bayesrm.active",
 }
 
 __all__ = [
     "BonCurve",
     "DataError",
     "EnsembleRewardModel",
+    "HeadConfig",
     "LaplaceConfig",
     "LaplacePosterior",
     "Pair",
@@ -39,22 +43,30 @@ __all__ = [
     "SelectionSpec",
     "TrainConfig",
     "__version__",
+    "bald_bt",
     "bon_curve",
     "bon_estimate",
     "bon_weights",
+    "fit_head_laplace",
     "fit_laplace",
     "kl_bon",
     "load_pairs",
+    "pair_features",
     "parse_spec",
+    "select_top",
     "split_by_prompt",
     "train_ensemble",
+    "train_heads",
 ]
 
 if TYPE_CHECKING:
+    from bayesrm.active import bald_bt, select_top
     from bayesrm.bon import BonCurve, bon_curve, bon_estimate, bon_weights, kl_bon
-    from bayesrm.config import LaplaceConfig, TrainConfig
+    from bayesrm.config import HeadConfig, LaplaceConfig, TrainConfig
     from bayesrm.data import DataError, Pair, load_pairs, split_by_prompt
     from bayesrm.ensemble import EnsembleRewardModel, train_ensemble
+    from bayesrm.feature_heads import fit_head_laplace, train_heads
+    from bayesrm.features import pair_features
     from bayesrm.laplace import LaplacePosterior, fit_laplace
     from bayesrm.model import RewardModel, RMConfig
     from bayesrm.objectives import SelectionSpec, parse_spec

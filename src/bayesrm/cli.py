@@ -109,7 +109,11 @@ def train_cmd(
     head: Annotated[str, typer.Option(help="linear (BT scalar head) | bnrm (Bayesian non-negative head)")] = "linear",
     bnrm_k: Annotated[int, typer.Option(help="BNRM latent factors K")] = 1024,
     bnrm_eta: Annotated[float, typer.Option(help="BNRM KL weight η")] = 1e-5,
-    freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op)")] = False,
+    freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op); with the linear "
+                                                       "head this runs on cached features (--feature-cache)")] = False,
+    feature_cache: Annotated[Path | None, typer.Option(help="--freeze-backbone: where backbone features are cached "
+                                                            "(keyed by weights, template, data)")] = Path(
+        ".cache/features"),
     epochs: Annotated[int, typer.Option(help="passes over the training pairs")] = _TC.epochs,
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate")] = _TC.lr,
     batch_size: Annotated[int, typer.Option(help="pairs per micro-batch")] = _TC.batch_size,
@@ -164,7 +168,14 @@ def train_cmd(
     save_pairs(eval_pairs, out / "data" / "eval.jsonl")
     console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint); "
                   f"splits in {out / 'data'}")
-    history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume, log=console.print)
+    if freeze_backbone and head == "linear" and mixed_precision == "no":  # one backbone pass, then the head
+        from bayesrm.train import train_on_features
+
+        console.print("frozen backbone: training the head on cached features")
+        history = train_on_features(model, train_pairs, tc, out, eval_pairs=eval_pairs, cache_dir=feature_cache,
+                                    log=console.print)
+    else:
+        history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume, log=console.print)
     _print_metrics("final", history[-1])
     console.print(f"model saved to {out / 'model'}")
 
@@ -594,6 +605,9 @@ def rlhf_cmd(
     console.print((out / "results.md").read_text())
     done = ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in results["runs"].items())
     console.print(f"results: {out / 'results.json'}, plot: {out / 'rlhf.png'} ({done})")
+
+
+import bayesrm.cli_fast  # noqa: E402, F401 - registers `heads` and `select` on `app`
 
 
 def main() -> None:  # pragma: no cover

@@ -371,6 +371,10 @@ class LaplacePosterior:
         assert total is not None
         return total, S_all
 
+    def jacobian_variance(self, Js: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Var = J Σ Jᵀ per row from Jacobians per block, (B, o, i) each (§7), and the τ-independent grids S."""
+        return self._variance_from(Js, None)
+
     def predict(self, model: RewardModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Linearised predictive N(r_MAP, J Σ Jᵀ) per response (§7): (mean (N,), var (N,)) in input order."""

@@ -320,3 +320,75 @@ def _loop(model: RewardModel, run: _Run, cfg: TrainConfig, acc: Any, out: Path, 
             _end_epoch(model, run, cfg, acc, out, done, eval_pairs)
             if not done:
                 break
+
+
+def train_on_features(model: RewardModel, train_pairs: Sequence[Pair], cfg: TrainConfig, out_dir: str | Path, *,
+                      eval_pairs: Sequence[Pair] = (), cache_dir: str | Path | None = None,
+                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """`train` for a frozen backbone and a linear head: one cached backbone pass (`features.pair_features`), then
+    the same optimisation on the features — the same batches (`epoch_batches`), AdamW, warm-up/decay schedule,
+    accumulation, clipping and `pair_loss` — so the head ends where `train` would put it (up to the rounding of
+    batched features). Writes train_config.json, metrics.jsonl and the model as `train` does; no checkpoints (the
+    whole run takes seconds on the cached features). Returns the per-epoch metrics.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    from bayesrm.features import pair_features
+    from bayesrm.heads import LinearHead
+
+    if not model.config.freeze_backbone or not isinstance(model.head, LinearHead):
+        raise ValueError("train_on_features needs freeze_backbone=True and the linear head; use train()")
+    if not train_pairs:
+        raise ValueError("no training pairs")
+    if cfg.mixed_precision != "no":
+        raise ValueError("train_on_features trains in fp32 (features are fp32); use mixed_precision='no'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()  # the backbone is frozen and its dropout off: train and eval mode give the same features
+    feats = pair_features(model, train_pairs, cache_dir, cfg.eval_batch_size, log=log)
+    ev = pair_features(model, eval_pairs, cache_dir, cfg.eval_batch_size, log=log) if eval_pairs else None
+    chosen, rejected = encode_pairs(model, train_pairs)
+    lengths = [max(len(a), len(b)) for a, b in zip(chosen, rejected, strict=True)]
+    head = model.head
+    fw, fl = feats.chosen.to(model.device), feats.rejected.to(model.device)
+    n_batches = -(-len(train_pairs) // cfg.batch_size)
+    steps_per_epoch = -(-n_batches // cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    atomic_write_json(out / "train_config.json", {"train": asdict(cfg), "model": asdict(model.config),
+                                                  "n_train": len(train_pairs), "n_eval": len(eval_pairs),
+                                                  "features": feats.fingerprint})
+    history: list[dict[str, Any]] = []
+    step = 0
+    for epoch in range(cfg.epochs):
+        if step >= total:
+            break
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.data_seed, epoch, cfg.group_by_length)
+        loss_sum, loss_n = 0.0, 0
+        for b, idx in enumerate(batches):
+            if step >= total:
+                break
+            group_start = b - b % cfg.grad_accum
+            group = min(cfg.grad_accum, len(batches) - group_start)
+            i = torch.tensor(idx)
+            loss = pair_loss(head(fw[i]), head(fl[i]), cfg).mean()  # head: (B, d) → (B,)
+            (loss / group).backward()
+            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+            if b + 1 - group_start == group:
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(loss_n, 1)}
+        if ev is not None:
+            with torch.no_grad():
+                delta = head(ev.chosen.to(model.device)) - head(ev.rejected.to(model.device))
+            row |= {f"eval_{k}": v for k, v in pair_metrics(delta.double().cpu()).items()}
+        history.append(row)
+        write_jsonl(out / METRICS_NAME, history)
+    model.save(out / MODEL_DIR)
+    return history
