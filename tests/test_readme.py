@@ -31,7 +31,7 @@ def test_quickstart_blocks_are_found() -> None:
     blocks = quickstart_blocks((ROOT / "README.md").read_text())
     assert [lang for lang, _ in blocks] == ["bash", "python"]
     bash = blocks[0][1]
-    for cmd in ("train", "laplace", "eval", "score", "bon", "explain", "merge", "serve", "rlhf"):
+    for cmd in ("train", "laplace", "eval", "score", "bon", "explain", "merge", "serve", "rlhf", "heads", "select"):
         assert f"bayesrm {cmd} " in bash
     with pytest.raises(ValueError, match="exactly one"):
         quickstart_blocks("no markers here")
@@ -92,5 +92,6 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
     assert '"results":[{"reward"' in bash_log  # the curl answer
     rlhf = json.loads((runs / "rlhf" / "results.json").read_text())
     assert set(rlhf["runs"]) == {"map", "la"} and all(len(r["history"]) == 2 for r in rlhf["runs"].values())
+    assert len((runs / "selected.jsonl").read_text().splitlines()) == 5
     assert re.search(r"reward -?\d+\.\d+ ± \d+\.\d+", py_log)
     assert (runs / "py" / "model" / "laplace" / "posterior.json").exists()
