@@ -129,6 +129,7 @@ def train_cmd(
     group_by_length: Annotated[bool, typer.Option(help="batches of similar length, in random order")] = (
         _TC.group_by_length),
     mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = _TC.mixed_precision,
+    dtype: Annotated[str, typer.Option(help="backbone weights dtype: float32 | bfloat16 | float16")] = "float32",
     eval_batch_size: Annotated[int, typer.Option(help="responses per evaluation batch")] = _TC.eval_batch_size,
     checkpoint_every: Annotated[int, typer.Option(help="optimizer steps between atomic checkpoints in OUT/checkpoint "
                                                        "(0: epoch ends only); a killed run continued with --resume "
@@ -141,10 +142,18 @@ def train_cmd(
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Train a Bradley–Terry LoRA reward model."""
+    """Train a Bradley–Terry LoRA reward model.
+
+    Under `accelerate launch --num_processes P` / `torchrun` each optimizer step takes P × --batch-size pairs, split
+    over the processes; rank 0 writes the run directory.
+    """
+    from bayesrm import dist
     from bayesrm.model import RewardModel, RMConfig
     from bayesrm.train import train
 
+    rank, size = dist.init_from_launcher()
+    if rank:
+        console.quiet = True  # one process reports
     check_target(out, want_dir=True)  # before any work: a bad --out is one line, not a failure at the end
     pairs = _load(data, format, field, skip_invalid, limit)
     if sample is not None and sample < len(pairs):
@@ -156,7 +165,7 @@ def train_cmd(
     mc = RMConfig(backbone=backbone, template=template, max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
                   lora_dropout=lora_dropout, lora_seed=lora_seed,
                   target_modules=target_modules.split(",") if target_modules else None,
-                  head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None,
+                  head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None, dtype=dtype,
                   freeze_backbone=freeze_backbone,
                   extra={"train_data": data, "eval_data": eval_data, "split_seed": split_seed})
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
@@ -164,9 +173,11 @@ def train_cmd(
                      data_seed=data_seed, group_by_length=group_by_length, mixed_precision=mixed_precision,
                      eval_batch_size=eval_batch_size, checkpoint_every=checkpoint_every, max_steps=max_steps)
     model = RewardModel(mc)
-    save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
-    save_pairs(eval_pairs, out / "data" / "eval.jsonl")
-    console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint); "
+    if rank == 0:
+        save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
+        save_pairs(eval_pairs, out / "data" / "eval.jsonl")
+    procs = f" in {size} processes (global batch {batch_size * size})" if size > 1 else ""
+    console.print(f"training on {len(train_pairs)} pairs{procs}, evaluating on {len(eval_pairs)} (prompt-disjoint); "
                   f"splits in {out / 'data'}")
     if freeze_backbone and head == "linear" and mixed_precision == "no":  # one backbone pass, then the head
         from bayesrm.train import train_on_features
@@ -221,8 +232,16 @@ def laplace_cmd(
     """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision.
 
     The likelihood is the one the run was trained with (margin, centering: read from RUN/train_config.json).
+    Under `accelerate launch` / `torchrun` each process accumulates the factors of its share of the pairs (one
+    all-reduce sums them); rank 0 tunes τ and saves.
     """
+    import torch
 
+    from bayesrm import dist
+
+    proc, world = dist.init_from_launcher()  # (`rank` is the factors' rank option)
+    if proc:
+        console.quiet = True  # one process reports
     run = RunDir.of(model_dir)
     if not run.has_model:
         raise FileNotFoundError(f"{model_dir}: no trained model here (train one with `bayesrm train`)")
@@ -239,10 +258,17 @@ def laplace_cmd(
     cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
                         prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
                         batch_size=batch_size).for_training(run.train_config())
-    model = RewardModel.load(run.model_dir)
-    with progress_bar("KFAC fit (pairs)", len(pairs), console) as advance:
+    device = None
+    if world > 1 and torch.cuda.is_available():
+        from accelerate import PartialState
+
+        device = PartialState().device  # this rank's GPU
+    model = RewardModel.load(run.model_dir, device=device)
+    with progress_bar("KFAC fit (pairs)", len(dist.shard(pairs)), console) as advance:
         post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
-    post.save(run.posterior_dir)
+    if proc == 0:
+        post.save(run.posterior_dir)
+    dist.barrier()
     taus = sorted(post.tau.values())
     console.print(f"posterior (fitted on {len(pairs)} pairs of {data}) saved to {run.posterior_dir}; "
                   f"τ ({cfg.tau_method}, {cfg.prior_structure}): min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, "

@@ -35,7 +35,7 @@ class TrainConfig:
 
     epochs: int = 1  # passes over the training pairs
     lr: float = 2e-4  # AdamW learning rate (peak)
-    batch_size: int = 8  # pairs per micro-batch
+    batch_size: int = 8  # pairs per micro-batch and process (global batch: batch_size × processes)
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_ratio: float = 0.03  # fraction of steps with linear warm-up
     weight_decay: float = 0.0  # AdamW decoupled weight decay

@@ -1,9 +1,10 @@
 """Reward-model ensembles (Coste et al. 2024; Yang et al. 2024 §4 "LA-Ens"): M LoRA members on one backbone.
 
 Members differ in LoRA/head initialisation (`RMConfig.lora_seed`) and data order (`TrainConfig.data_seed`), set
-separately. `train_ensemble` trains them one after another into `out_dir/member_i/` (ordinary `train()` run
-directories) with a resumable `manifest.json`. `EnsembleRewardModel` loads ONE backbone with M peft adapters
-named `member_i` and M scalar heads, and scores all members on shared tokenisation and batches.
+separately. `train_ensemble` trains them into `out_dir/member_i/` (ordinary `train()` run directories) with a
+resumable `manifest.json`: one after another, or under `accelerate launch` / `torchrun` one member per process.
+`EnsembleRewardModel` loads ONE backbone with M peft adapters named `member_i` and M scalar heads, and scores all
+members on shared tokenisation and batches.
 
 BT rewards are defined only up to a shift and a scale per member, so aggregates across members (min, variance,
 LA-Ens sums) need each member standardised on a fixed reference set (overoptimisation note §8). The statistics
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from enum import Enum
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesrm import dist
 from bayesrm.batching import scoring_batches
 from bayesrm.data import DataError, Pair, pairs_fingerprint
 from bayesrm.heads import Head, LinearHead
@@ -103,7 +106,11 @@ def train_ensemble(
     log: Callable[[str], None] | None = None,
     standardize_on_train: bool = True,
 ) -> list[Path]:
-    """Train M members into `out_dir/member_i/` one after another; returns the member run directories.
+    """Train M members into `out_dir/member_i/`; returns the member run directories.
+
+    In one process the members train one after another. Under P processes (`accelerate launch`, `torchrun`) the
+    unfinished members train in waves of P, one member per process (each an ordinary one-process `train()` run,
+    so the weights are those of the sequential run); rank 0 writes the manifest after every wave.
 
     Seeds default to `cfg.lora_seed + i` and `train_cfg.data_seed + i` (`train()` also seeds dropout from the data
     seed, so a rerun reproduces the weights exactly). With `resume=True`, finished members are skipped, an
@@ -128,42 +135,67 @@ def train_ensemble(
                      "status": MemberStatus.PENDING.value} for i in range(members)],
     }
     path = out / MANIFEST_NAME
-    say = log if log is not None else (lambda _: None)
-    if resume and path.exists():
-        old = json.loads(path.read_text())
-        _check_resumable(old, manifest, out)
-        for i, e in enumerate(old["entries"]):
-            manifest["entries"][i] = e
-        done = sum(e["status"] == MemberStatus.DONE.value for e in manifest["entries"])
-        say(f"resuming from {path}: {done} of {members} members done")
-    else:
-        say(f"starting fresh: no ensemble manifest in {out}" if resume else
-            f"starting fresh (resume not requested) in {out}")
-    atomic_write_json(path, manifest)
-    dirs = []
-    for i, entry in enumerate(manifest["entries"]):
-        mdir = out / entry["path"]
-        dirs.append(mdir)
-        if resume and entry["status"] == MemberStatus.DONE.value and (mdir / MODEL_DIR / CONFIG_NAME).exists():
-            if log is not None:
+    refused = None
+    if dist.is_main():
+        try:
+            if resume and path.exists():
+                old = json.loads(path.read_text())
+                _check_resumable(old, manifest, out)
+                for i, e in enumerate(old["entries"]):
+                    manifest["entries"][i] = e
+                done = sum(e["status"] == MemberStatus.DONE.value for e in manifest["entries"])
+                if log is not None:
+                    log(f"resuming from {path}: {done} of {members} members done")
+            elif log is not None:
+                log(f"starting fresh: no ensemble manifest in {out}" if resume else
+                    f"starting fresh (resume not requested) in {out}")
+            atomic_write_json(path, manifest)
+        except ValueError as e:
+            refused = str(e)
+    manifest, refused = dist.broadcast((manifest, refused))  # every rank continues, or every rank raises
+    if refused is not None:
+        raise ValueError(refused)
+    entries = manifest["entries"]
+    dirs = [out / e["path"] for e in entries]
+    todo = []
+    for i, entry in enumerate(entries):
+        if resume and entry["status"] == MemberStatus.DONE.value and (dirs[i] / MODEL_DIR / CONFIG_NAME).exists():
+            if log is not None and dist.is_main():
                 log(f"{entry['name']}: done, skipped")
-            continue
-        mc = replace(cfg, lora_seed=entry["lora_seed"],
-                     target_modules=None if cfg.target_modules is None else list(cfg.target_modules),
-                     extra=dict(cfg.extra) | {"ensemble_member": i, "data_seed": entry["data_seed"]})
-        tc = replace(train_cfg, data_seed=entry["data_seed"])
-        if log is not None:
-            log(f"{entry['name']}: training (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
-        entry["status"] = MemberStatus.RUNNING.value
-        atomic_write_json(path, manifest)
-        history = train(RewardModel(mc), pairs, tc, mdir, eval_pairs=eval_pairs, resume=resume,
-                        show_progress=show_progress, log=log)
-        entry["status"] = MemberStatus.DONE.value
-        entry["final_metrics"] = history[-1] if history else {}
-        atomic_write_json(path, manifest)
+        else:
+            todo.append(i)
+    rank, size = dist.world()
+    for start in range(0, len(todo), size):
+        wave = todo[start:start + size]  # member wave[r] trains on rank r
+        for i in wave:
+            entries[i]["status"] = MemberStatus.RUNNING.value
+        if dist.is_main():
+            atomic_write_json(path, manifest)
+        final: dict[str, Any] | None = None
+        if rank < len(wave):
+            i = wave[rank]
+            entry = entries[i]
+            mc = replace(cfg, lora_seed=entry["lora_seed"],
+                         target_modules=None if cfg.target_modules is None else list(cfg.target_modules),
+                         extra=dict(cfg.extra) | {"ensemble_member": i, "data_seed": entry["data_seed"]})
+            tc = replace(train_cfg, data_seed=entry["data_seed"])
+            if log is not None:
+                where = f" on rank {rank}" if size > 1 else ""
+                log(f"{entry['name']}: training{where} (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
+            with dist.solo() if size > 1 else nullcontext():
+                history = train(RewardModel(mc), pairs, tc, dirs[i], eval_pairs=eval_pairs, resume=resume,
+                                show_progress=show_progress and size == 1, log=log)
+            final = history[-1] if history else {}
+        for i, metrics in zip(wave, dist.gather(final), strict=False):
+            entries[i]["status"] = MemberStatus.DONE.value
+            entries[i]["final_metrics"] = metrics
+        if dist.is_main():
+            atomic_write_json(path, manifest)
     if standardize_on_train and STANDARDIZATION_KEY not in manifest:
-        prompts, responses = reference_responses(pairs)
-        fit_standardization(out, prompts, responses, source=f"training responses ({len(responses)})")
+        if dist.is_main():  # scores every member once on the reference responses, then writes the manifest
+            prompts, responses = reference_responses(pairs)
+            fit_standardization(out, prompts, responses, source=f"training responses ({len(responses)})")
+        dist.barrier()
     return dirs
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bayesrm import dist
 from bayesrm.batching import pair_batches, scoring_batches
 from bayesrm.config import KFACVariant, LaplaceConfig, PriorStructure, Subset, TauMethod
 from bayesrm.data import DataError, Pair, pair_hash, pairs_fingerprint
@@ -532,9 +533,16 @@ def _require_linear_head(model: RewardModel) -> nn.Linear:
 # --------------------------------------------------------------------------- fitting
 
 
+def _sum_device(model: RewardModel) -> torch.device:
+    """Where fp64 curvature sums accumulate: the model's GPU (one copy to the host at the end instead of one per
+    batch: 17 GB of d × d factors per batch at 7B), else the CPU (MPS has no fp64)."""
+    return model.device if model.device.type == "cuda" else torch.device("cpu")
+
+
 def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant | str = KFACVariant.PAIR,
                  batch_size: int = 8, progress: Callable[[int], None] | None = None, margin: float = 0.0,
-                 center_coef: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+                 center_coef: float = 0.0, reduce: Callable[[Any], Any] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """KFAC factors G_m, A_m with G ⊗ A ≈ the exact BT GGN block Σ_n Λ_n vec(J_Δ)vec(J_Δ)ᵀ (§3), and log p(D|θ*).
 
     Λ_n = `bt_ggn_weight`(Δ_n, m). PAIR: with J̃_n = √Λ_n J_Δ,n = Σ_{s,t} g aᵀ (o × i), G = Σ_n J̃ J̃ᵀ and
@@ -544,14 +552,16 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
     prompt makes large; with centering, the rows √(2c)·(J_w + J_l) join the J̃. REDUCE (one backward of
     Σ_n stopgrad(√Λ_n)·Δ_n, so hooks see g = √Λ_n · c_s · δ): G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with
     ĝ = Σ_t g_t, ā = mean over real tokens of a_t. EXPAND: G = Σ_{n,s,t} g gᵀ, A = (1/M) Σ a aᵀ over M real tokens.
+    `reduce` (e.g. `dist.all_reduce_sum`) sums every accumulated statistic over processes before A is normalised.
     """
     var = KFACVariant(variant)
     if center_coef and var is not KFACVariant.PAIR:
         raise ValueError(f"the centering curvature needs kfac='pair', got {var.value!r}")
     modules = lora_modules(model)
     model.eval()
-    G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double) for k, m in modules.items()}
-    A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double) for k, m in modules.items()}
+    dev = _sum_device(model)
+    G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double, device=dev) for k, m in modules.items()}
+    A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double, device=dev) for k, m in modules.items()}
     norm = dict.fromkeys(modules, 0.0)  # what A is divided by: rows, tokens, or Σ ‖J̃‖² (PAIR)
     log_lik = 0.0
     for B, x, m in pair_batches(model, pairs, batch_size):
@@ -571,34 +581,40 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
                 J = lam.to(Jr.device) * (Jr[:B] - Jr[B:])  # J̃ = √Λ (J_w − J_l)
                 if center_coef:
                     J = torch.cat([J, math.sqrt(2.0 * center_coef) * (Jr[:B] + Jr[B:])])  # √(2c) J_s
-                G[k] += torch.einsum("boi,bpi->op", J, J).cpu()
-                A[k] += torch.einsum("boi,boj->ij", J, J).cpu()
+                G[k] += torch.einsum("boi,bpi->op", J, J)
+                A[k] += torch.einsum("boi,boj->ij", J, J)
                 norm[k] += float(J.square().sum())
             elif var is KFACVariant.REDUCE:
                 gh = g[k].sum(1).double()  # (2B, o)
                 ab = a[k].sum(1).double() / mask.sum(1, keepdim=True)  # (2B, i)
-                G[k] += (gh.T @ gh).cpu()
-                A[k] += (ab.T @ ab).cpu()
+                G[k] += gh.T @ gh
+                A[k] += ab.T @ ab
                 norm[k] += 2 * B
             else:
                 gt = g[k].reshape(-1, g[k].shape[-1]).double()  # (2B·T, o)
                 at = a[k].reshape(-1, a[k].shape[-1]).double()  # (2B·T, i)
-                G[k] += (gt.T @ gt).cpu()
-                A[k] += (at.T @ at).cpu()
+                G[k] += gt.T @ gt
+                A[k] += at.T @ at
                 norm[k] += float(mask.sum())
         if progress is not None:
             progress(B)
+    G, A = {k: v.cpu() for k, v in G.items()}, {k: v.cpu() for k, v in A.items()}
+    if reduce is not None:  # each process holds sums over its shard of the pairs
+        G, A, norm, log_lik = reduce((G, A, norm, log_lik))
     for k in A:
         A[k] /= norm[k] if norm[k] > 0 else 1.0
     return G, A, log_lik
 
 
 def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
-             progress: Callable[[int], None] | None = None, margin: float = 0.0, center_coef: float = 0.0
-             ) -> tuple[torch.Tensor, float]:
-    """Exact BT GGN of the head weight Σ_n Λ_n Δφ Δφᵀ + 2c Σ_n (φ_w + φ_l)(φ_w + φ_l)ᵀ, φ = f (§2); log p(D|θ*)."""
+             progress: Callable[[int], None] | None = None, margin: float = 0.0, center_coef: float = 0.0,
+             reduce: Callable[[Any], Any] | None = None) -> tuple[torch.Tensor, float]:
+    """Exact BT GGN of the head weight Σ_n Λ_n Δφ Δφᵀ + 2c Σ_n (φ_w + φ_l)(φ_w + φ_l)ᵀ, φ = f (§2); log p(D|θ*).
+
+    `reduce` sums the GGN and log-likelihood over processes (each holding its shard of the pairs)."""
     model.eval()
-    ggn: torch.Tensor | None = None
+    d = _require_linear_head(model).in_features
+    ggn = torch.zeros(d, d, dtype=torch.double, device=_sum_device(model))
     log_lik = 0.0
     for B, x, m in pair_batches(model, pairs, batch_size):
         r, phi = head_features(model, x, m)  # (2B,), (2B, d)
@@ -608,11 +624,13 @@ def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
         if center_coef:
             sphi = (phi[:B] + phi[B:]).double()
             part = part + 2.0 * center_coef * sphi.T @ sphi
-        ggn = part.cpu() if ggn is None else ggn + part.cpu()
+        ggn += part
         log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         if progress is not None:
             progress(B)
-    assert ggn is not None
+    ggn = ggn.cpu()
+    if reduce is not None:
+        ggn, log_lik = reduce((ggn, log_lik))
     return ggn, log_lik
 
 
@@ -624,29 +642,36 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
     `cfg.subset="lora"`: KFAC blocks over every LoRA tensor (`kfac_factors`). `"head"`: the exact GGN over the
     scalar head's weight (`head_ggn`), full d² covariance, prior mean at the head's initialisation. `init_lora`
     gives the LoRA weights at initialisation (prior mean of A under prior_mean='init'); by default the model's
-    saved initial adapter is used when it has one, else 0.
+    saved initial adapter is used when it has one, else 0. Under several processes (`accelerate launch`,
+    `torchrun`; see `bayesrm.dist`) each accumulates the statistics of its shard of `pairs`, one all-reduce sums
+    them, and rank 0 tunes τ for all: every rank returns the posterior of the whole data.
     """
     cfg = cfg or LaplaceConfig()
     _require_linear_head(model)
     if not pairs:
         raise ValueError("fit_laplace needs at least one training pair")
     if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN
-        ggn, log_lik = head_ggn(model, pairs, cfg.batch_size, progress, cfg.margin, cfg.center_coef)
+        ggn, log_lik = head_ggn(model, dist.shard(pairs), cfg.batch_size, progress, cfg.margin, cfg.center_coef,
+                                reduce=dist.all_reduce_sum)
         av, aU, _ = factor_eig(ggn)
         theta = head_theta(model).double().cpu()  # (1, d)
         one = torch.ones(1, dtype=torch.double)
         blocks = {HEAD_KEY: KronBlock(one, torch.ones(1, 1, dtype=torch.double), 0.0, av, aU, 0.0, theta,
                                       head_prior_mean(model, cfg))}
         return _tune(_posterior(blocks, cfg, pairs, log_lik), model, val_pairs)
-    G, A, log_lik = kfac_factors(model, pairs, cfg.kfac, cfg.batch_size, progress, cfg.margin, cfg.center_coef)
+    G, A, log_lik = kfac_factors(model, dist.shard(pairs), cfg.kfac, cfg.batch_size, progress, cfg.margin,
+                                 cfg.center_coef, reduce=dist.all_reduce_sum)
     params = dict(model.named_parameters())
     init = init_lora if init_lora is not None else getattr(model, "lora_init", None) or {}
     blocks = {}
+
+    def eig(k: str) -> tuple[tuple[torch.Tensor, torch.Tensor, float], ...]:
+        return tuple(factor_eig(F_, cfg.rank if F_.shape[0] >= cfg.lowrank_threshold else None, cfg.trace_complement)
+                     for F_ in (G[k], A[k]))
+
+    eigs = dist.spread(eig, list(G))  # each process decomposes 1/P of the blocks
     for k in G:
-        rank_g = cfg.rank if G[k].shape[0] >= cfg.lowrank_threshold else None
-        rank_a = cfg.rank if A[k].shape[0] >= cfg.lowrank_threshold else None
-        gv, gU, grho = factor_eig(G[k], rank_g, cfg.trace_complement)
-        av, aU, arho = factor_eig(A[k], rank_a, cfg.trace_complement)
+        (gv, gU, grho), (av, aU, arho) = eigs[k]
         theta = params[k].detach().double().cpu()
         if cfg.prior_mean == "init" and ".lora_A." in k and k in init:
             mu0 = init[k].detach().double().cpu()
@@ -664,8 +689,11 @@ def _posterior(blocks: dict[str, KronBlock], cfg: LaplaceConfig, pairs: Sequence
 
 
 def _tune(post: LaplacePosterior, model: RewardModel, val_pairs: Sequence[Pair]) -> LaplacePosterior:
-    """Choose τ with the configured method (validation pairs only for val_nll)."""
+    """Choose τ with the configured method (validation pairs only for val_nll); rank 0 tunes, every rank gets τ."""
     use_val = TauMethod(post.cfg.tau_method) is TauMethod.VAL_NLL and bool(val_pairs)
-    post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val else None)
+    if dist.is_main():
+        post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val
+                                      else None)
+    post.tau = dist.broadcast(post.tau)
     post.head = head_theta(model).double().cpu()
     return post
