@@ -23,6 +23,7 @@ from bayesrm.data import (
     save_pairs,
     split_by_prompt,
 )
+from bayesrm.evaluation import EvalConfig
 from bayesrm.model import find_model_dir
 from bayesrm.progress import progress_bar
 
@@ -30,6 +31,7 @@ app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RM
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+_EVAL_DEFAULTS = EvalConfig()
 
 
 def _friendly(fn: F) -> F:
@@ -198,36 +200,40 @@ def laplace_cmd(
 @app.command("eval")
 @_friendly
 def eval_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="trained model")],
-    data: Annotated[str, typer.Argument(help="test pairs")],
-    ood: Annotated[str | None, typer.Option(help="out-of-distribution pairs: report AUROC of σ (ID vs OOD)")] = None,
+    model_dir: Annotated[Path, typer.Argument(help="trained model (with its Laplace posterior if fitted) or an "
+                                                   "ensemble dir")],
+    data: Annotated[str, typer.Argument(help="test pairs (a source/subset column gives per-subset results)")],
+    out: Annotated[Path, typer.Option(help="output dir: report.json, report.md, reliability.png, selective.png, "
+                                           "predictions.jsonl")] = Path("runs/eval"),
+    ood: Annotated[str | None, typer.Option(help="out-of-distribution pairs: AUROC of σ for ID vs OOD")] = None,
+    levels: Annotated[str, typer.Option(help="nominal levels of the predictive intervals, comma-separated")] = ",".join(
+        f"{x:g}" for x in _EVAL_DEFAULTS.levels),
+    n_bins: Annotated[int, typer.Option(help="confidence bins (ECE, MCE, reliability)")] = _EVAL_DEFAULTS.n_bins,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates over prompts for CIs")] = _EVAL_DEFAULTS.n_boot,
+    batch_size: int = _EVAL_DEFAULTS.batch_size,
     limit: int | None = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write metrics here")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the headline numbers here")] = None,
     format: FormatOpt = DataFormat.AUTO.value,
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Accuracy, NLL and ECE for MAP (and Laplace when a posterior exists); OOD AUROC of σ."""
-    from bayesrm.experiment import pair_eval
+    """Accuracy, NLL, Brier, ECE/MCE, interval coverage, selective prediction and σ's error/OOD AUROC for the MAP
+    and the Bayesian predictive (Laplace, BNRM or ensemble), per subset when the data has one."""
+    from bayesrm.evaluation import EvalConfig, evaluate, render_markdown, summary
     from bayesrm.io import atomic_write_json
-    from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
-    from bayesrm.metrics import auroc
-    from bayesrm.model import RewardModel
 
-    model = RewardModel.load(model_dir)
+    try:
+        lv = tuple(float(x) for x in levels.split(","))
+    except ValueError:
+        raise ValueError(f"--levels expects numbers in (0, 1) separated by commas, got {levels!r}") from None
+    cfg = EvalConfig(levels=lv, n_bins=n_bins, n_boot=n_boot, batch_size=batch_size)
     pairs = _load(data, format, field, skip_invalid, limit)
-    post_dir = find_model_dir(model_dir) / POSTERIOR_DIR
-    post = LaplacePosterior.load(post_dir) if (post_dir / "posterior.json").exists() else None
-    row = pair_eval(model, pairs, post)
-    if ood:
-        if post is None:
-            raise ValueError("--ood needs a Laplace posterior: run `bayesrm laplace` first")
-        ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit)
-        _, v_id = post.predict(model, [p.prompt for p in pairs], [p.chosen for p in pairs])
-        _, v_ood = post.predict(model, [p.prompt for p in ood_pairs], [p.chosen for p in ood_pairs])
-        row |= {"ood_auroc_sigma": auroc(v_ood.sqrt().numpy(), v_id.sqrt().numpy()),
-                "sigma_id_mean": float(v_id.sqrt().mean()), "sigma_ood_mean": float(v_ood.sqrt().mean())}
-    _print_metrics(f"{model_dir} on {data}", row)
+    ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit) if ood else []
+    report = evaluate(model_dir, pairs, cfg, out, ood_pairs, meta={"data": data, "ood": ood})
+    console.print(render_markdown(report))
+    console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; plots: {out / 'reliability.png'}, "
+                  f"{out / 'selective.png'}; predictions: {out / 'predictions.jsonl'}")
+    row = summary(report)
     if json_out:
         atomic_write_json(json_out, row)
     print(json.dumps(row))

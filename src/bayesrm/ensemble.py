@@ -368,3 +368,20 @@ class EnsembleRewardModel(nn.Module):
             variances.append(var)
         self.backbone.set_adapter(self.names[0], inference_mode=True)  # type: ignore[operator]
         return torch.stack(means), torch.stack(variances)  # (M, N) each
+
+    def predict_member_pairs(self, posteriors: Sequence[LaplacePosterior], pairs: Sequence[Pair],
+                             batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's Laplace (μ_Δ, Var(Δ)) per pair with the joint pair Jacobian, (M, P) each."""
+        if len(posteriors) != len(self):
+            raise ValueError(f"{len(posteriors)} posteriors for {len(self)} members")
+        means, variances = [], []
+        for i, (name, post) in enumerate(zip(self.names, posteriors, strict=True)):
+            view = self.member(i)
+            renamed = _posterior_for(post, name)
+            renamed.check_matches(view)
+            mu, var = renamed.predict_pairs(view, pairs, batch_size)
+            means.append(mu)
+            variances.append(var)
+        self.backbone.set_adapter(self.names[0], inference_mode=True)  # type: ignore[operator]
+        return torch.stack(means), torch.stack(variances)
+
