@@ -164,7 +164,9 @@ def laplace_cmd(
     data: Annotated[str, typer.Argument(help="the pairs the model was trained on")],
     val_data: Annotated[str | None, typer.Option(help="validation pairs (for --tau-method val_nll)")] = None,
     kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = "pair",
-    subset: Annotated[str, typer.Option(help="lora (Laplace-LoRA) | head (last-layer baseline)")] = "lora",
+    subset: Annotated[str | None, typer.Option(help="lora (Laplace-LoRA) | head (last-layer); default lora, or "
+                                                    "head for a model without LoRA (a transformers reward "
+                                                    "model)")] = None,
     tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = "marglik",
     prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = "layerwise",
     prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = 1.0,
@@ -183,6 +185,8 @@ def laplace_cmd(
     model = RewardModel.load(model_dir)
     pairs = _load(data, format, field, skip_invalid, limit)
     val = _load(val_data, format, field, skip_invalid) if val_data else []
+    if subset is None:
+        subset = "head" if model.config.seq_cls else LaplaceConfig.subset
     cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
                         prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
                         batch_size=batch_size)
@@ -237,6 +241,22 @@ def eval_cmd(
     if json_out:
         atomic_write_json(json_out, row)
     print(json.dumps(row))
+
+
+@app.command("export")
+@_friendly
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="trained bayesrm model (run dir or model dir)")],
+    out: Annotated[Path, typer.Argument(help="output: a transformers AutoModelForSequenceClassification folder, "
+                                             "with the peft adapter form in OUT/adapter")],
+) -> None:
+    """Export to plain transformers (LoRA merged) and to a peft adapter (head in modules_to_save), both checked."""
+    from bayesrm.export import ADAPTER_DIR, export_model
+
+    info = export_model(run, out)
+    console.print(f"exported to {out} (merged; max |Δr| {info['merged_max_abs_error']:.2g} through transformers) "
+                  f"and {out / ADAPTER_DIR} (peft; max |Δr| {info['adapter_max_abs_error']:.2g}); input format in "
+                  f"{out / 'README.md'}")
 
 
 def _score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[dict[str, Any]]:

@@ -42,7 +42,8 @@ class Head(str, Enum):
     BNRM = "bnrm"  # Bayesian non-negative factor head (bayesrm.bnrm), with predictive moments
 
 
-_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
+_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False,
+               "seq_cls": False}  # added after format_version 1
 
 
 @dataclass
@@ -65,6 +66,8 @@ class RMConfig:
     head: str = Head.LINEAR.value  # linear | bnrm
     bnrm: dict[str, Any] | None = None  # BNRMConfig fields for head="bnrm" (None: its defaults)
     freeze_backbone: bool = False  # train the head only: the LoRA adapter stays at its no-op init (B = 0)
+    seq_cls: bool = False  # `backbone` is a transformers *ForSequenceClassification reward model used as is: no
+    #                        LoRA, its final one-output linear layer is the head (scoring and head-only Laplace)
 
     def to_dict(self) -> dict[str, Any]:
         """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
@@ -91,8 +94,8 @@ def resolve_backbone(name: str) -> str:
 
 
 def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
-    """Load (base model without LM head, tokenizer) for `cfg.backbone`."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """Load (base model without LM head, tokenizer) for `cfg.backbone`; the whole sequence classifier if `seq_cls`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -105,12 +108,15 @@ def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
             for name, value in list(vars(hf_cfg).items()):
                 if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
                     setattr(hf_cfg, name, 0.0)
-        base = AutoModel.from_pretrained(src, config=hf_cfg, dtype=getattr(torch, cfg.dtype), **kw)
+        auto = AutoModelForSequenceClassification if cfg.seq_cls else AutoModel
+        base = auto.from_pretrained(src, config=hf_cfg, dtype=getattr(torch, cfg.dtype), **kw)
     except OSError as e:
         raise ValueError(f"cannot load backbone '{cfg.backbone}': {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
+    if cfg.seq_cls and base.config.pad_token_id is None:  # transformers refuses padded batches without it
+        base.config.pad_token_id = tok.pad_token_id
     return base, tok
 
 
@@ -165,6 +171,14 @@ class RewardModel(nn.Module):
         self.encoder = is_encoder(base)
         pooling = Pooling(config.pooling)
         self.pooling = (Pooling.FIRST if self.encoder else Pooling.LAST) if pooling is Pooling.AUTO else pooling
+        self.lora_init: dict[str, torch.Tensor] = {}
+        self.backbone: Any  # the peft model (or, with seq_cls, the transformers sequence classifier)
+        self.head: nn.Linear | BNRMHead
+        if config.seq_cls:
+            self.backbone = base.requires_grad_(False)
+            self.head = seq_cls_head(base)
+            self.head.requires_grad_(True)
+            return
         if config.target_modules is None:
             config.target_modules = default_target_modules(base)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -175,7 +189,6 @@ class RewardModel(nn.Module):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self.backbone = get_peft_model(base, lora)
             hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
-            self.head: nn.Linear | BNRMHead
             if Head(config.head) is Head.BNRM:
                 bnrm = BNRMConfig.from_dict(config.bnrm or {})
                 config.bnrm = asdict(bnrm)  # saved in full
@@ -188,15 +201,24 @@ class RewardModel(nn.Module):
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
         # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
-        self.lora_init: dict[str, torch.Tensor] = {
+        self.lora_init = {
             n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
 
     # ------------------------------------------------------------------ forward / scoring
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled hidden state at the reward token, (B, d), at least float32."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, d)
-        pooled = pool_hidden(h, attention_mask, self.pooling)
+        """Pooled hidden state at the reward token, (B, d), at least float32 (`seq_cls`: the head's input)."""
+        if self.config.seq_cls:
+            seen: list[torch.Tensor] = []
+            handle = self.head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0]))
+            try:
+                self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            finally:
+                handle.remove()
+            h = seen[-1]  # (B, T, d) for decoders' `score`, already pooled (B, d) for encoders' heads
+        else:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, d)
+        pooled = pool_hidden(h, attention_mask, self.pooling) if h.dim() == 3 else h
         return pooled.to(torch.promote_types(pooled.dtype, torch.float32))  # upcast bf16/fp16; keep fp64
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -315,6 +337,9 @@ class RewardModel(nn.Module):
         """Write adapter + head (safetensors) + bayesrm.json atomically into directory `path`."""
         from safetensors.torch import save_file
 
+        if self.config.seq_cls:
+            raise ValueError(f"{self.config.backbone} is a transformers model: it stays where it is (bayesrm writes "
+                             "only its posterior)")
         with atomic_dir(path) as tmp:
             self.backbone.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_NAME))
@@ -332,8 +357,13 @@ class RewardModel(nn.Module):
 
         p = find_model_dir(path)
         cfg_file = p / CONFIG_NAME
+        if not cfg_file.exists() and is_seq_cls_dir(p):
+            model = cls(seq_cls_config(p))
+            model.eval()
+            return model if device is None else model.to(device)
         if not cfg_file.exists():
-            raise FileNotFoundError(f"{p}: not a bayesrm model directory (no {CONFIG_NAME})")
+            raise FileNotFoundError(f"{p}: not a bayesrm model directory (no {CONFIG_NAME}) nor a transformers "
+                                    "sequence-classification model")
         try:
             cfg = RMConfig.from_dict(json.loads(cfg_file.read_text()))
         except (json.JSONDecodeError, ValueError, TypeError) as e:
@@ -351,3 +381,50 @@ class RewardModel(nn.Module):
         if device is not None:
             model.to(device)
         return model
+
+
+# --------------------------------------------------------------------------- transformers reward models
+
+
+def is_seq_cls_dir(path: Path) -> bool:
+    """True for a saved transformers model whose architecture is a *ForSequenceClassification."""
+    f = path / "config.json"
+    if not f.is_file():
+        return False
+    try:
+        archs = json.loads(f.read_text()).get("architectures") or []
+    except json.JSONDecodeError:
+        raise ValueError(f"{f}: malformed JSON") from None
+    return any(str(a).endswith("ForSequenceClassification") for a in archs)
+
+
+def seq_cls_config(path: Path) -> RMConfig:
+    """RMConfig that scores a transformers sequence-classification reward model as it is.
+
+    The input rendering comes from `bayesrm_input_format` in config.json when bayesrm exported the model, else
+    the tokenizer's chat template (plain prompt + response without one), up to the model's maximum length.
+    """
+    from transformers import AutoTokenizer
+
+    raw = json.loads((path / "config.json").read_text())
+    if int(raw.get("num_labels", len(raw.get("id2label", {})) or 2)) != 1:
+        raise ValueError(f"{path}: a reward model has one output (num_labels=1), this one has "
+                         f"{raw.get('num_labels', len(raw.get('id2label', {})) or 2)}")
+    fmt = raw.get("bayesrm_input_format")
+    if fmt:
+        template, max_length = fmt["template"], int(fmt["max_length"])
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        template = Template.CHAT.value if getattr(tok, "chat_template", None) else Template.PLAIN.value
+        max_length = min(int(tok.model_max_length), int(raw.get("max_position_embeddings", 512)))
+    return RMConfig(backbone=str(path), template=template, max_length=max_length, seq_cls=True,
+                    dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
+
+
+def seq_cls_head(model: nn.Module) -> nn.Linear:
+    """The final one-output linear layer of a sequence classifier (`score`, `classifier`, `classifier.out_proj`)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last or last[-1].out_features != 1:
+        raise ValueError(f"{type(model).__name__}: no final one-output linear layer to use as the reward head")
+    return last[-1]
+

@@ -1,0 +1,236 @@
+"""Export a bayesrm reward model to plain `transformers` (merged `AutoModelForSequenceClassification`) and to a
+peft adapter over that class, each with a record of how inputs must be rendered.
+
+The reward is r = w·h + b with h the hidden state at the reward token (last real token for decoders, [CLS] /
+<s> for encoders). Decoders' `*ForSequenceClassification` read `score(h)` at the rightmost non-pad token, which
+is exactly that (bias-free `score`, so b must be 0). Encoders' heads put a tanh layer in front (BERT's pooler,
+RoBERTa/MPNet's `classifier.dense`); the export sets that layer to s·I with s = 2⁻¹⁶ and the output layer to w/s,
+so the logit is w·tanh(s h)/s + b = w·h + b up to a relative (s h)²/3 < 10⁻⁸ (s is a power of two: the scalings
+are exact in floating point). Every export is checked by reloading it through plain transformers (and peft) and
+comparing rewards with the bayesrm model; a mismatch fails loudly.
+
+Plain transformers does not apply bayesrm's prompt template or its truncation (which keeps the end of the
+response). The export records both in `config.json` (`bayesrm_input_format`) and README.md: render the text with
+the template's format string and tokenise with `truncation=True, max_length=…`; the saved tokenizer truncates from
+the left, which is bayesrm's rule whenever the template's text tokenises the same whole as in parts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bayesrm.io import atomic_dir
+from bayesrm.model import Pooling, RewardModel, resolve_backbone
+from bayesrm.templates import Template, render
+
+INPUT_FORMAT_KEY = "bayesrm_input_format"  # config.json field read back by RewardModel.load
+ADAPTER_DIR = "adapter"
+TANH_SCALE = 2.0**-16
+TOLERANCE = 1e-4  # largest |Δreward| accepted by the export's own round-trip check
+_BERT_POOLER = {"bert"}  # pooler.dense + tanh, then classifier
+_DENSE_HEAD = {"roberta", "xlm-roberta", "camembert", "mpnet"}  # classifier.dense + tanh, then classifier.out_proj
+_PROBES = [("What is 2 + 2?", "4."), ("Write a haiku about rain.", "Soft rain on the roof,\nthe gutters hum."),
+           ("Explain gravity. " * 30, "Mass bends spacetime and things fall along the curves. " * 40)]
+
+
+def input_format(model: RewardModel) -> dict[str, Any]:
+    """How plain transformers must turn (prompt, response) into input ids for the exported model."""
+    t = Template(model.config.template)
+    fmt = {Template.OASST: render(t, "{prompt}", "{response}"), Template.PLAIN: render(t, "{prompt}", "{response}"),
+           Template.CHAT: None}[t]
+    return {
+        "template": t.value,
+        "format": None if fmt is None else fmt[0] + fmt[1],  # str.format(prompt=…, response=…)
+        "chat": t is Template.CHAT,  # apply the tokenizer's chat template to [user prompt, assistant response]
+        "max_length": model.config.max_length,
+        "truncation_side": "left",  # keep the end of the response (bayesrm's rule)
+        "reward": "logits[:, 0]",
+    }
+
+
+def render_text(fmt: dict[str, Any], tokenizer: Any, prompt: str, response: str) -> str:
+    """The text the exported model reads for (prompt, response), per the recorded input format."""
+    if fmt["chat"]:
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return str(tokenizer.apply_chat_template(msgs, tokenize=False))
+    return str(fmt["format"]).replace("{prompt}", prompt).replace("{response}", response)
+
+
+def _head_weights(model: RewardModel, model_type: str, prefix: str) -> dict[str, torch.Tensor]:
+    """State-dict entries of the sequence-classification head that reproduce r = w·h + b (see module doc)."""
+    head = model.head
+    if not isinstance(head, nn.Linear):
+        raise ValueError("only a linear BT head can be exported (a BNRM head has no transformers equivalent)")
+    w, b = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()  # (1, d), (1,)
+    d = w.shape[1]
+    if model.pooling is Pooling.LAST and not model.encoder:
+        if float(b.abs().max()) > 0:
+            raise ValueError(f"the head bias is {float(b[0]):.4g}; transformers' decoder `score` has no bias")
+        return {"score.weight": w}
+    if model.pooling is Pooling.FIRST and model_type in _BERT_POOLER:
+        return {f"{prefix}.pooler.dense.weight": TANH_SCALE * torch.eye(d), f"{prefix}.pooler.dense.bias":
+                torch.zeros(d), "classifier.weight": w / TANH_SCALE, "classifier.bias": b}
+    if model.pooling is Pooling.FIRST and model_type in _DENSE_HEAD:
+        return {"classifier.dense.weight": TANH_SCALE * torch.eye(d), "classifier.dense.bias": torch.zeros(d),
+                "classifier.out_proj.weight": w / TANH_SCALE, "classifier.out_proj.bias": b}
+    raise ValueError(f"cannot export a '{model_type}' model with {model.pooling.value} pooling to "
+                     f"AutoModelForSequenceClassification (supported: decoders with last-token pooling, "
+                     f"{', '.join(sorted(_BERT_POOLER | _DENSE_HEAD))} with first-token pooling)")
+
+
+def _seq_cls_config(model: RewardModel, pad_id: int) -> Any:
+    """The backbone's config as a one-output sequence classifier, dropout off, with the input format recorded."""
+    cfg = model.backbone.get_base_model().config.__class__.from_dict(
+        model.backbone.get_base_model().config.to_dict())
+    cfg.num_labels = 1
+    cfg.pad_token_id = pad_id
+    cfg.architectures = None
+    for name, value in list(vars(cfg).items()):
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(cfg, name, 0.0)
+    setattr(cfg, INPUT_FORMAT_KEY, input_format(model))
+    return cfg
+
+
+def _pad_id(model: RewardModel) -> int:
+    """A pad id that never ends a real input (transformers finds a decoder's last token as the last non-pad)."""
+    tok = model.tokenizer
+    pad = int(tok.pad_token_id)
+    if model.encoder:
+        return pad
+    last = {ids[-1] for ids in model.encode([p for p, _ in _PROBES], [r for _, r in _PROBES])}
+    if pad not in last:
+        return pad
+    for cand in (tok.unk_token_id, tok.bos_token_id):
+        if cand is not None and int(cand) not in last:
+            return int(cand)
+    raise ValueError(f"the pad token {pad} ends every input under template '{model.config.template}' and the "
+                     "tokenizer has no other spare special token; use another template")
+
+
+def _check(reference: torch.Tensor, got: torch.Tensor, what: str) -> float:
+    err = float((reference.double() - got.double()).abs().max())
+    if not err <= TOLERANCE:
+        raise ValueError(f"{what}: rewards differ from the bayesrm model by up to {err:.3g} (> {TOLERANCE:g}); "
+                         "export aborted")
+    return err
+
+
+@torch.no_grad()
+def hf_rewards(hf_model: Any, tokenizer: Any, fmt: dict[str, Any], prompts: Sequence[str],
+               responses: Sequence[str]) -> torch.Tensor:
+    """Rewards from a plain transformers sequence classifier, inputs rendered per `fmt`, one batch, right padding."""
+    texts = [render_text(fmt, tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    enc = tokenizer(texts, truncation=True, max_length=fmt["max_length"], padding=True, return_tensors="pt",
+                    add_special_tokens=not fmt["chat"])
+    return hf_model(**enc).logits[:, 0].float()
+
+
+def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write OUT (merged AutoModelForSequenceClassification + tokenizer + README) and OUT/adapter (peft, head in
+    modules_to_save); both are reloaded with plain transformers/peft and checked against the bayesrm rewards."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = RewardModel.load(run)
+    if model.config.seq_cls:
+        raise ValueError(f"{run} already is a transformers sequence-classification model")
+    prompts, responses = [p for p, _ in _PROBES], [r for _, r in _PROBES]
+    reference = model.score(prompts, responses)  # (3,)
+    fmt = input_format(model)
+    pad = _pad_id(model)
+    base = model.backbone.get_base_model()
+    model_type = str(base.config.model_type)
+    lora = {k: p.detach().clone() for k, p in model.backbone.named_parameters() if "lora_" in k}
+    cfg = _seq_cls_config(model, pad)
+    dtype = getattr(torch, model.config.dtype)
+    with atomic_dir(out) as tmp:
+        tok = model.tokenizer
+        tok.truncation_side, tok.model_max_length = "left", model.config.max_length
+        tok.pad_token = tok.convert_ids_to_tokens(pad)
+        # (a) merged: the backbone with LoRA folded in, plus the head
+        merged = model.backbone.merge_and_unload()
+        seq = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
+        prefix = seq.base_model_prefix
+        res = seq.base_model.load_state_dict(merged.state_dict(), strict=False)
+        missing = [k for k in res.missing_keys if not k.startswith("pooler.")]
+        if missing or res.unexpected_keys:
+            raise ValueError(f"backbone weights do not fit {type(seq).__name__}: missing {missing[:3]}, "
+                             f"unexpected {list(res.unexpected_keys)[:3]}")
+        heads = _head_weights(model, model_type, prefix)
+        seq.load_state_dict(heads, strict=False)
+        seq.eval()
+        seq.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(_readme(fmt, pad, model.config.backbone), encoding="utf-8")
+        hf = AutoModelForSequenceClassification.from_pretrained(str(tmp)).eval()
+        err_merged = _check(reference, hf_rewards(hf, AutoTokenizer.from_pretrained(str(tmp)), fmt, prompts,
+                                                  responses), f"{out} (merged)")
+        # (b) peft: LoRA over the original backbone as a sequence classifier, the head in modules_to_save
+        src = resolve_backbone(model.config.backbone)
+        kw: dict[str, Any] = {"gguf_file": model.config.gguf_file} if model.config.gguf_file else {}
+        base_cls = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, pad_token_id=pad,
+                                                                       dtype=dtype, **kw)
+        base_cls.load_state_dict(heads, strict=False)
+        save = sorted({k.split(".")[0] if not k.startswith(f"{prefix}.") else k.split(".")[1] for k in heads})
+        lcfg = LoraConfig(r=model.config.lora_r, lora_alpha=model.config.lora_alpha, bias="none",
+                          target_modules=list(model.config.target_modules or []), modules_to_save=save)
+        peft_model = get_peft_model(base_cls, lcfg)
+        lead = "base_model.model."
+        targets = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for k, v in lora.items():  # same LoRA tensors, under the classifier's base-model prefix
+                name = f"{lead}{prefix}.{k[len(lead):]}"
+                if name not in targets:
+                    raise ValueError(f"LoRA tensor {k} has no place in {type(base_cls).__name__}")
+                targets[name].copy_(v)
+        adir = tmp / ADAPTER_DIR
+        peft_model.save_pretrained(str(adir))
+        tok.save_pretrained(str(adir))
+        (adir / "README.md").write_text(_readme(fmt, pad, model.config.backbone, adapter=True), encoding="utf-8")
+        fresh = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, pad_token_id=pad, dtype=dtype,
+                                                                   **kw)
+        loaded = PeftModel.from_pretrained(fresh, str(adir)).eval()
+        err_adapter = _check(reference, hf_rewards(loaded, tok, fmt, prompts, responses), f"{out} (adapter)")
+        info = {"merged_max_abs_error": err_merged, "adapter_max_abs_error": err_adapter, "pad_token_id": pad,
+                "input_format": fmt, "modules_to_save": save}
+        (tmp / "bayesrm_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _readme(fmt: dict[str, Any], pad: int, backbone: str, adapter: bool = False) -> str:
+    """Usage notes: how to load, how to render inputs, what the logit means."""
+    render_line = ("text = tok.apply_chat_template([{'role': 'user', 'content': prompt}, "
+                   "{'role': 'assistant', 'content': response}], tokenize=False)" if fmt["chat"] else
+                   f"text = {fmt['format']!r}.replace('{{prompt}}', prompt).replace('{{response}}', response)")
+    load = (f"base = AutoModelForSequenceClassification.from_pretrained({backbone!r}, num_labels=1, "
+            f"pad_token_id={pad})\nmodel = PeftModel.from_pretrained(base, 'THIS_DIR').eval()" if adapter else
+            "model = AutoModelForSequenceClassification.from_pretrained('THIS_DIR').eval()")
+    return f"""# Reward model exported by bayesrm
+
+A Bradley–Terry reward model: `logits[:, 0]` is the reward r(x, y); P(y_w ≻ y_l) = σ(r_w − r_l).
+{"A peft LoRA adapter; the classification head is saved in full (`modules_to_save`)." if adapter else
+ "LoRA merged into the weights."}
+
+Inputs must be rendered as bayesrm rendered them in training (template `{fmt['template']}`), and truncated from the
+left to {fmt['max_length']} tokens so that the end of the response is kept (the saved tokenizer does this):
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+{"from peft import PeftModel" if adapter else ""}
+tok = AutoTokenizer.from_pretrained('THIS_DIR')
+{load}
+{render_line}
+enc = tok([text], truncation=True, max_length={fmt['max_length']}, return_tensors='pt'{
+    ", add_special_tokens=False" if fmt["chat"] else ""})
+reward = model(**enc).logits[:, 0]
+```
+
+`config.json` → `{INPUT_FORMAT_KEY}` holds the same recipe. `bayesrm score THIS_DIR …` also loads this folder.
+"""
