@@ -79,8 +79,13 @@ def test_export_of_the_embedded_minilm(tmp_path: Path) -> None:
 
 
 def _save_seq_cls(kind: str, root: Path) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, \
-        LlamaForSequenceClassification
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     from bayesrm.model import resolve_backbone
 
