@@ -138,3 +138,14 @@ def test_laplace_on_a_transformers_reward_model_in_one_command(tmp_path: Path) -
     s = Scorer.load(path, "la:std:k=1").score(["q"], ["a good answer"])
     assert s.std is not None and float(s.std[0]) > 0
 
+
+
+def test_export_check_catches_a_head_that_does_not_reproduce_the_rewards(
+        tiny_cfg: Callable[..., RMConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bayesrm.export as ex
+
+    _trained_like(tiny_cfg("bert", max_length=40), tmp_path / "run")
+    monkeypatch.setattr(ex, "TANH_SCALE", 1.0)  # tanh no longer in its linear range: the logits bend
+    with pytest.raises(ValueError, match="export aborted"):
+        export_model(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written

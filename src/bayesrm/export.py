@@ -32,7 +32,8 @@ from bayesrm.templates import Template, render
 INPUT_FORMAT_KEY = "bayesrm_input_format"  # config.json field read back by RewardModel.load
 ADAPTER_DIR = "adapter"
 TANH_SCALE = 2.0**-16
-TOLERANCE = 1e-4  # largest |Δreward| accepted by the export's own round-trip check
+TOLERANCE = {"float32": 1e-4, "float64": 1e-8}  # largest |Δr| / max(1, |r|) the round-trip check accepts
+HALF_TOLERANCE = 3e-2  # bfloat16 / float16: merging LoRA into half-precision weights rounds them
 _BERT_POOLER = {"bert"}  # pooler.dense + tanh, then classifier
 _DENSE_HEAD = {"roberta", "xlm-roberta", "camembert", "mpnet"}  # classifier.dense + tanh, then classifier.out_proj
 _PROBES = [("What is 2 + 2?", "4."), ("Write a haiku about rain.", "Soft rain on the roof,\nthe gutters hum."),
@@ -114,10 +115,12 @@ def _pad_id(model: RewardModel) -> int:
                      "tokenizer has no other spare special token; use another template")
 
 
-def _check(reference: torch.Tensor, got: torch.Tensor, what: str) -> float:
+def _check(reference: torch.Tensor, got: torch.Tensor, dtype: str, what: str) -> float:
+    """Max |Δr| between the bayesrm rewards and the reloaded export's; ValueError beyond the dtype's tolerance."""
     err = float((reference.double() - got.double()).abs().max())
-    if not err <= TOLERANCE:
-        raise ValueError(f"{what}: rewards differ from the bayesrm model by up to {err:.3g} (> {TOLERANCE:g}); "
+    tol = TOLERANCE.get(dtype, HALF_TOLERANCE) * max(1.0, float(reference.abs().max()))
+    if not err <= tol:
+        raise ValueError(f"{what}: rewards differ from the bayesrm model by up to {err:.3g} (> {tol:.3g}); "
                          "export aborted")
     return err
 
@@ -171,7 +174,7 @@ def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
         (tmp / "README.md").write_text(_readme(fmt, pad, model.config.backbone), encoding="utf-8")
         hf = AutoModelForSequenceClassification.from_pretrained(str(tmp)).eval()
         err_merged = _check(reference, hf_rewards(hf, AutoTokenizer.from_pretrained(str(tmp)), fmt, prompts,
-                                                  responses), f"{out} (merged)")
+                                                  responses), model.config.dtype, f"{out} (merged)")
         # (b) peft: LoRA over the original backbone as a sequence classifier, the head in modules_to_save
         src = resolve_backbone(model.config.backbone)
         kw: dict[str, Any] = {"gguf_file": model.config.gguf_file} if model.config.gguf_file else {}
@@ -197,7 +200,8 @@ def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
         fresh = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, pad_token_id=pad, dtype=dtype,
                                                                    **kw)
         loaded = PeftModel.from_pretrained(fresh, str(adir)).eval()
-        err_adapter = _check(reference, hf_rewards(loaded, tok, fmt, prompts, responses), f"{out} (adapter)")
+        err_adapter = _check(reference, hf_rewards(loaded, tok, fmt, prompts, responses), model.config.dtype,
+                             f"{out} (adapter)")
         info = {"merged_max_abs_error": err_merged, "adapter_max_abs_error": err_adapter, "pad_token_id": pad,
                 "input_format": fmt, "modules_to_save": save}
         (tmp / "bayesrm_export.json").write_text(json.dumps(info, indent=2) + "\n")
