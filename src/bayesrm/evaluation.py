@@ -137,8 +137,11 @@ def predictive_metrics(pred: PairPredictions, bayes: bool, groups: Sequence[str]
     cov = {}
     for level in cfg.levels:
         c: dict[str, Any] = dict(interval_coverage(p, level))
-        observed = (pn > (1 - level) / 2).astype(np.float64)  # covered unless the interval lies below 0
-        c["observed_ci"] = bootstrap_interval(_mean_stat(observed), n, groups, cfg.n_boot, cfg.ci_level, cfg.seed)
+
+        def observed(i: np.ndarray, lv: float = level) -> float:
+            return interval_coverage(p[i], lv)["observed"]
+
+        _with_ci(c, "observed", c["observed"], observed, n, groups, cfg)
         cov[f"{level:g}"] = c
     out["coverage"] = cov
     rankings = {"|mu|": abs_mu}
