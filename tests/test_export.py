@@ -4,6 +4,7 @@ RewardModels (scoring and head-only Laplace) on tiny random backbones and the em
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import VOCAB, toy_pairs
 from typer.testing import CliRunner
 
 from bayesrm.cli import app
-from bayesrm.export import ADAPTER_DIR, INPUT_FORMAT_KEY, export_model, hf_rewards, render_text
+from bayesrm.export import ADAPTER_DIR, INPUT_FORMAT_KEY, export_model, recipe_ids
 from bayesrm.model import RewardModel, RMConfig
 
 LONG = ("why " * 80, "because " * 90 + "the end")  # longer than max_length: truncation keeps the response's end
@@ -33,22 +34,19 @@ def _trained_like(cfg: RMConfig, path: Path, seed: int = 0) -> RewardModel:
     return RewardModel.load(path)
 
 
-def _plain_rewards(out: Path, adapter: bool = False, base: str | None = None) -> torch.Tensor:
-    """Rewards through transformers (+ peft) only, inputs rendered from the recorded format."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    cfg = json.loads((out / "config.json").read_text())
-    fmt = cfg[INPUT_FORMAT_KEY]
-    if adapter:
-        assert base is not None
-        hf = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=cfg["pad_token_id"])
-        model = PeftModel.from_pretrained(hf, str(out / ADAPTER_DIR)).eval()
-        tok = AutoTokenizer.from_pretrained(str(out / ADAPTER_DIR))
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
-        tok = AutoTokenizer.from_pretrained(str(out))
-    return hf_rewards(model, tok, fmt, PROMPTS, RESPONSES)
+def _readme_rewards(folder: Path, base: str | None = None) -> torch.Tensor:
+    """Rewards from running the README's code (plain transformers / peft and the recorded format) per pair."""
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S)
+    assert code is not None
+    src = code.group(1)
+    if base is not None:  # the adapter README names the backbone as a user would; point it at the local copy
+        src = re.sub(r"^BASE = .*$", f"BASE = {base!r}", src, flags=re.M)
+    out = []
+    for prompt, response in zip(PROMPTS, RESPONSES, strict=True):
+        ns: dict[str, object] = {"THIS_DIR": str(folder), "prompt": prompt, "response": response}
+        exec(src, ns)  # the documented recipe, run as a user would
+        out.append(float(ns["reward"]))  # type: ignore[arg-type]
+    return torch.tensor(out)
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
@@ -59,11 +57,10 @@ def test_export_merged_and_adapter_give_the_same_rewards(kind: str, tiny_cfg: Ca
     assert len(model.encode([LONG[0]], [LONG[1]])[0]) == 40  # the long probe is truncated
     info = export_model(tmp_path / "run", tmp_path / "out")
     assert info["merged_max_abs_error"] < 1e-5 and info["adapter_max_abs_error"] < 1e-5
-    assert torch.allclose(_plain_rewards(tmp_path / "out"), ref, atol=1e-5)
-    assert torch.allclose(_plain_rewards(tmp_path / "out", adapter=True, base=tiny_dir[kind]), ref, atol=1e-5)
+    assert torch.allclose(_readme_rewards(tmp_path / "out"), ref, atol=1e-5)
+    assert torch.allclose(_readme_rewards(tmp_path / "out" / ADAPTER_DIR, tiny_dir[kind]), ref, atol=1e-5)
     adapter_cfg = json.loads((tmp_path / "out" / ADAPTER_DIR / "adapter_config.json").read_text())
     assert set(adapter_cfg["modules_to_save"]) == ({"classifier", "pooler"} if kind == "bert" else {"score"})
-    assert "truncat" in (tmp_path / "out" / "README.md").read_text()
     # the export loads back into bayesrm as a transformers reward model with the same rewards
     assert torch.allclose(RewardModel.load(tmp_path / "out").score(PROMPTS, RESPONSES), ref, atol=1e-5)
 
@@ -73,9 +70,13 @@ def test_export_of_the_embedded_minilm(tmp_path: Path) -> None:
     ref = model.score(PROMPTS, RESPONSES)
     res = CliRunner().invoke(app, ["export", str(tmp_path / "run"), str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
-    assert torch.allclose(_plain_rewards(tmp_path / "out"), ref, atol=1e-5)
+    assert torch.allclose(_readme_rewards(tmp_path / "out"), ref, atol=1e-5)
     fmt = json.loads((tmp_path / "out" / "config.json").read_text())[INPUT_FORMAT_KEY]
-    assert render_text(fmt, None, "P", "R") == "<|prompter|>P<|endoftext|><|assistant|>R<|endoftext|>"
+    assert fmt["prefix"] + fmt["response"] == "<|prompter|>{prompt}<|endoftext|><|assistant|>{response}<|endoftext|>"
+    # the recipe is bayesrm's tokenisation, truncation included
+    tok = model.tokenizer
+    assert [recipe_ids(tok, fmt, p, r) for p, r in zip(PROMPTS, RESPONSES, strict=True)] == model.encode(
+        PROMPTS, RESPONSES)
 
 
 def _save_seq_cls(kind: str, root: Path) -> Path:

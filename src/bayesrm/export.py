@@ -9,10 +9,10 @@ so the logit is w·tanh(s h)/s + b = w·h + b up to a relative (s h)²/3 < 10⁻
 are exact in floating point). Every export is checked by reloading it through plain transformers (and peft) and
 comparing rewards with the bayesrm model; a mismatch fails loudly.
 
-Plain transformers does not apply bayesrm's prompt template or its truncation (which keeps the end of the
-response). The export records both in `config.json` (`bayesrm_input_format`) and README.md: render the text with
-the template's format string and tokenise with `truncation=True, max_length=…`; the saved tokenizer truncates from
-the left, which is bayesrm's rule whenever the template's text tokenises the same whole as in parts.
+Plain transformers does not apply bayesrm's prompt template or its truncation (a budget for the end of the prompt,
+then the end or the start of the response, see `templates.truncate`). The export records both in `config.json`
+(`bayesrm_input_format`), and README.md carries a ten-line function that rebuilds the exact input ids with the
+tokenizer alone; the export checks that it does.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from torch import nn
 
 from bayesrm.io import atomic_dir
 from bayesrm.model import Pooling, RewardModel, resolve_backbone
-from bayesrm.templates import Template, render
+from bayesrm.templates import Template, render, special_wrap, truncate
 
 INPUT_FORMAT_KEY = "bayesrm_input_format"  # config.json field read back by RewardModel.load
+FORMAT_FILE = "bayesrm_input_format.json"  # the same record beside README.md in both folders
 ADAPTER_DIR = "adapter"
 TANH_SCALE = 2.0**-16
 TOLERANCE = {"float32": 1e-4, "float64": 1e-8}  # largest |Δr| / max(1, |r|) the round-trip check accepts
@@ -41,26 +42,34 @@ _PROBES = [("What is 2 + 2?", "4."), ("Write a haiku about rain.", "Soft rain on
 
 
 def input_format(model: RewardModel) -> dict[str, Any]:
-    """How plain transformers must turn (prompt, response) into input ids for the exported model."""
+    """How plain transformers must turn (prompt, response) into input ids for the exported model (see README)."""
     t = Template(model.config.template)
-    fmt = {Template.OASST: render(t, "{prompt}", "{response}"), Template.PLAIN: render(t, "{prompt}", "{response}"),
-           Template.CHAT: None}[t]
+    head, tail = special_wrap(model.tokenizer)
+    budget = model.config.max_length - len(head) - len(tail)
+    prefix, response = render(t, "{prompt}", "{response}") if t is not Template.CHAT else (None, None)
     return {
         "template": t.value,
-        "format": None if fmt is None else fmt[0] + fmt[1],  # str.format(prompt=…, response=…)
-        "chat": t is Template.CHAT,  # apply the tokenizer's chat template to [user prompt, assistant response]
+        "prefix": prefix,  # text before the response; "{prompt}" stands for the prompt (None: chat template)
+        "response": response,  # "{response}" stands for the response
+        "special_head": head,  # ids the tokenizer puts before the text ([CLS], BOS)
+        "special_tail": tail,  # and after it ([SEP])
         "max_length": model.config.max_length,
-        "truncation_side": "left",  # keep the end of the response (bayesrm's rule)
+        "prompt_tokens": int(model.config.prompt_budget * budget),  # as templates.encode computes it
+        "keep_response_end": model.keeps_response_end,
         "reward": "logits[:, 0]",
     }
 
 
-def render_text(fmt: dict[str, Any], tokenizer: Any, prompt: str, response: str) -> str:
-    """The text the exported model reads for (prompt, response), per the recorded input format."""
-    if fmt["chat"]:
-        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return str(tokenizer.apply_chat_template(msgs, tokenize=False))
-    return str(fmt["format"]).replace("{prompt}", prompt).replace("{response}", response)
+def recipe_ids(tokenizer: Any, fmt: dict[str, Any], prompt: str, response: str) -> list[int]:
+    """Input ids from the recorded format with the tokenizer alone (what README.md shows), via `truncate`."""
+    if fmt["prefix"] is None:
+        raise ValueError("a chat-template model's inputs need bayesrm.templates.encode (the split of the chat "
+                         "template's text into prompt and response has no format string)")
+    pre = tokenizer(fmt["prefix"].replace("{prompt}", prompt), add_special_tokens=False)["input_ids"]
+    res = tokenizer(fmt["response"].replace("{response}", response), add_special_tokens=False)["input_ids"]
+    budget = fmt["max_length"] - len(fmt["special_head"]) - len(fmt["special_tail"])
+    body = truncate(list(pre), list(res), budget, fmt["prompt_tokens"], fmt["keep_response_end"])
+    return [*fmt["special_head"], *body, *fmt["special_tail"]]
 
 
 def _head_weights(model: RewardModel, model_type: str, prefix: str) -> dict[str, torch.Tensor]:
@@ -126,20 +135,19 @@ def _check(reference: torch.Tensor, got: torch.Tensor, dtype: str, what: str) ->
 
 
 @torch.no_grad()
-def hf_rewards(hf_model: Any, tokenizer: Any, fmt: dict[str, Any], prompts: Sequence[str],
-               responses: Sequence[str]) -> torch.Tensor:
-    """Rewards from a plain transformers sequence classifier, inputs rendered per `fmt`, one batch, right padding."""
-    texts = [render_text(fmt, tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
-    enc = tokenizer(texts, truncation=True, max_length=fmt["max_length"], padding=True, return_tensors="pt",
-                    add_special_tokens=not fmt["chat"])
-    return hf_model(**enc).logits[:, 0].float()
+def hf_rewards(hf_model: Any, ids: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Rewards `logits[:, 0]` of a plain transformers sequence classifier on right-padded input ids."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[*x, *[pad_id] * (width - len(x))] for x in ids])  # (B, T)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])  # (B, T)
+    return hf_model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float()
 
 
 def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
     """Write OUT (merged AutoModelForSequenceClassification + tokenizer + README) and OUT/adapter (peft, head in
     modules_to_save); both are reloaded with plain transformers/peft and checked against the bayesrm rewards."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     model = RewardModel.load(run)
     if model.config.seq_cls:
@@ -147,6 +155,12 @@ def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
     prompts, responses = [p for p, _ in _PROBES], [r for _, r in _PROBES]
     reference = model.score(prompts, responses)  # (3,)
     fmt = input_format(model)
+    ids = model.encode(prompts, responses)
+    if fmt["prefix"] is not None:
+        recipe = [recipe_ids(model.tokenizer, fmt, p, r) for p, r in zip(prompts, responses, strict=True)]
+        if recipe != ids:
+            raise ValueError("the recorded input format does not rebuild bayesrm's input ids for this tokenizer "
+                             "(text that tokenises differently whole and in parts); export aborted")
     pad = _pad_id(model)
     base = model.backbone.get_base_model()
     model_type = str(base.config.model_type)
@@ -155,7 +169,6 @@ def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
     dtype = getattr(torch, model.config.dtype)
     with atomic_dir(out) as tmp:
         tok = model.tokenizer
-        tok.truncation_side, tok.model_max_length = "left", model.config.max_length
         tok.pad_token = tok.convert_ids_to_tokens(pad)
         # (a) merged: the backbone with LoRA folded in, plus the head
         merged = model.backbone.merge_and_unload()
@@ -172,9 +185,9 @@ def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
         seq.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(_readme(fmt, pad, model.config.backbone), encoding="utf-8")
+        (tmp / FORMAT_FILE).write_text(json.dumps(fmt, indent=2) + "\n")
         hf = AutoModelForSequenceClassification.from_pretrained(str(tmp)).eval()
-        err_merged = _check(reference, hf_rewards(hf, AutoTokenizer.from_pretrained(str(tmp)), fmt, prompts,
-                                                  responses), model.config.dtype, f"{out} (merged)")
+        err_merged = _check(reference, hf_rewards(hf, ids, pad), model.config.dtype, f"{out} (merged)")
         # (b) peft: LoRA over the original backbone as a sequence classifier, the head in modules_to_save
         src = resolve_backbone(model.config.backbone)
         kw: dict[str, Any] = {"gguf_file": model.config.gguf_file} if model.config.gguf_file else {}
@@ -196,45 +209,70 @@ def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
         adir = tmp / ADAPTER_DIR
         peft_model.save_pretrained(str(adir))
         tok.save_pretrained(str(adir))
-        (adir / "README.md").write_text(_readme(fmt, pad, model.config.backbone, adapter=True), encoding="utf-8")
+        (adir / "README.md").write_text(_readme(fmt, pad, _hub_name(model.config.backbone), adapter=True),
+                                        encoding="utf-8")
+        (adir / FORMAT_FILE).write_text(json.dumps(fmt, indent=2) + "\n")
         fresh = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, pad_token_id=pad, dtype=dtype,
                                                                    **kw)
         loaded = PeftModel.from_pretrained(fresh, str(adir)).eval()
-        err_adapter = _check(reference, hf_rewards(loaded, tok, fmt, prompts, responses), model.config.dtype,
-                             f"{out} (adapter)")
+        err_adapter = _check(reference, hf_rewards(loaded, ids, pad), model.config.dtype, f"{out} (adapter)")
         info = {"merged_max_abs_error": err_merged, "adapter_max_abs_error": err_adapter, "pad_token_id": pad,
                 "input_format": fmt, "modules_to_save": save}
         (tmp / "bayesrm_export.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
+def _hub_name(backbone: str) -> str:
+    """The backbone as a user elsewhere would name it (the embedded MiniLM by its hub id)."""
+    return "sentence-transformers/all-MiniLM-L6-v2" if resolve_backbone(backbone) != backbone else backbone
+
+
 def _readme(fmt: dict[str, Any], pad: int, backbone: str, adapter: bool = False) -> str:
-    """Usage notes: how to load, how to render inputs, what the logit means."""
-    render_line = ("text = tok.apply_chat_template([{'role': 'user', 'content': prompt}, "
-                   "{'role': 'assistant', 'content': response}], tokenize=False)" if fmt["chat"] else
-                   f"text = {fmt['format']!r}.replace('{{prompt}}', prompt).replace('{{response}}', response)")
-    load = (f"base = AutoModelForSequenceClassification.from_pretrained({backbone!r}, num_labels=1, "
-            f"pad_token_id={pad})\nmodel = PeftModel.from_pretrained(base, 'THIS_DIR').eval()" if adapter else
-            "model = AutoModelForSequenceClassification.from_pretrained('THIS_DIR').eval()")
+    """Usage notes: how to load, how to build input ids exactly as bayesrm does, what the logit means."""
+    load = (f"BASE = {backbone!r}  # the backbone the adapter was trained on\n"
+            f"base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1, pad_token_id={pad})\n"
+            "model = PeftModel.from_pretrained(base, THIS_DIR).eval()" if adapter else
+            "model = AutoModelForSequenceClassification.from_pretrained(THIS_DIR).eval()")
+    kind = ("A peft LoRA adapter; the classification head is saved in full (`modules_to_save`)." if adapter else
+            "LoRA merged into the weights.")
+    if fmt["prefix"] is None:
+        recipe = ("# chat template: build ids with bayesrm.templates.encode (pip install bayesrm), e.g.\n"
+                  "# RewardModel.load(THIS_DIR).encode([prompt], [response])[0]\nids = ...\n")
+    else:
+        recipe = f"""FMT = json.load(open(f"{{THIS_DIR}}/{FORMAT_FILE}"))
+
+
+def input_ids(prompt: str, response: str) -> list[int]:
+    pre = tok(FMT["prefix"].replace("{{prompt}}", prompt), add_special_tokens=False)["input_ids"]
+    res = tok(FMT["response"].replace("{{response}}", response), add_special_tokens=False)["input_ids"]
+    budget = FMT["max_length"] - len(FMT["special_head"]) - len(FMT["special_tail"])
+    n_pre = min(len(pre), max(min(FMT["prompt_tokens"], budget - 1), budget - len(res)))
+    n_res = min(len(res), budget - n_pre)
+    res = res[len(res) - n_res:] if FMT["keep_response_end"] else res[:n_res]
+    return FMT["special_head"] + pre[len(pre) - n_pre:] + res + FMT["special_tail"]
+
+
+ids = input_ids(prompt, response)
+"""
     return f"""# Reward model exported by bayesrm
 
-A Bradley–Terry reward model: `logits[:, 0]` is the reward r(x, y); P(y_w ≻ y_l) = σ(r_w − r_l).
-{"A peft LoRA adapter; the classification head is saved in full (`modules_to_save`)." if adapter else
- "LoRA merged into the weights."}
+A Bradley–Terry reward model: `logits[:, 0]` is the reward r(x, y); P(y_w ≻ y_l) = σ(r_w − r_l). {kind}
 
-Inputs must be rendered as bayesrm rendered them in training (template `{fmt['template']}`), and truncated from the
-left to {fmt['max_length']} tokens so that the end of the response is kept (the saved tokenizer does this):
+Inputs must be built as bayesrm built them in training: template `{fmt['template']}`, at most {fmt['max_length']}
+tokens, up to {fmt['prompt_tokens']} of them for the end of the prompt when a pair is too long, and the
+{'end' if fmt['keep_response_end'] else 'start'} of an over-long response kept. `tok(text, truncation=True)` would
+cut elsewhere, so build the ids like this (`{FORMAT_FILE}` holds the constants):
 
 ```python
+import json
+
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 {"from peft import PeftModel" if adapter else ""}
-tok = AutoTokenizer.from_pretrained('THIS_DIR')
+tok = AutoTokenizer.from_pretrained(THIS_DIR)
 {load}
-{render_line}
-enc = tok([text], truncation=True, max_length={fmt['max_length']}, return_tensors='pt'{
-    ", add_special_tokens=False" if fmt["chat"] else ""})
-reward = model(**enc).logits[:, 0]
+{recipe}reward = model(input_ids=torch.tensor([ids])).logits[0, 0]  # pad a batch on the right with {pad}
 ```
 
-`config.json` → `{INPUT_FORMAT_KEY}` holds the same recipe. `bayesrm score THIS_DIR …` also loads this folder.
+`bayesrm score THIS_DIR …` and `bayesrm laplace THIS_DIR pairs.jsonl` (head-only posterior) load this folder too.
 """
