@@ -39,10 +39,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from bayesrm.batching import collate
 from bayesrm.data import Pair, load_pairs
 from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.model import RewardModel, RMConfig
-from bayesrm.templates import collate, encode
+from bayesrm.templates import encode
 from bayesrm.train import TrainConfig, train
 
 DATA = "/work/shared/data/alpaca_eval/annotations.jsonl.gz"

@@ -40,9 +40,10 @@ DATA = ROOT.parent / "shared" / "data" / "alpaca_eval"
 def make_model(root: Path, spec: str, max_length: int) -> Path:
     """A throwaway MiniLM LoRA reward model (2 steps on 16 AlpacaEval pairs; Laplace posterior for la specs)."""
     from bayesrm.data import load_pairs
-    from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
+    from bayesrm.laplace import LaplaceConfig, fit_laplace
     from bayesrm.model import RewardModel, RMConfig
     from bayesrm.objectives import Family, parse_spec
+    from bayesrm.run import POSTERIOR_DIR
     from bayesrm.train import TrainConfig, train
 
     pairs = load_pairs(DATA / "annotations.jsonl.gz", skip_invalid=True, limit=16)

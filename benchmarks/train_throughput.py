@@ -44,10 +44,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesrm.batching import collate
 from bayesrm.data import Pair, load_pairs
 from bayesrm.losses import bradley_terry_loss
 from bayesrm.model import RewardModel, RMConfig, load_backbone, resolve_backbone
-from bayesrm.templates import collate, encode
+from bayesrm.templates import encode
 from bayesrm.train import TrainConfig, epoch_batches, train
 
 DATA = "/work/shared/data/alpaca_eval/annotations.jsonl.gz"

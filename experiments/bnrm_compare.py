@@ -26,16 +26,17 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import pearsonr
 
-from bayesrm.bnrm import explain_factors
 from bayesrm.bon import BonCurve, bon_curve, default_ns
 from bayesrm.data import Pair, load_pairs, save_pairs
+from bayesrm.explain import explain_factors, factor_activations
 from bayesrm.io import atomic_path, atomic_write_json, atomic_write_text
 from bayesrm.metrics import auroc, pair_metrics
 from bayesrm.model import CONFIG_NAME, RewardModel, RMConfig
 from bayesrm.objectives import penalize_std, penalize_var
 from bayesrm.plots import plot_bon, plot_k_sweep
 from bayesrm.pool import Pool, load_pool
-from bayesrm.train import MODEL_DIR, TrainConfig, train
+from bayesrm.run import MODEL_DIR
+from bayesrm.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def get_model(name: str, out: Path, mc: RMConfig, tc: TrainConfig, pairs: list[P
     def on_step(step: int, loss: float) -> None:
         if head == "bnrm" and step % 10 == 0:
             with open(kl_log, "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss, **model.bnrm_head.kl_log}) + "\n")
+                f.write(json.dumps({"step": step, "loss": loss, **model.head.kl_log}) + "\n")
 
     t0 = time.time()
     train(model, pairs, tc, run, resume=True, on_step=on_step, show_progress=False)
@@ -351,7 +352,7 @@ def main() -> None:
                                   + [(p.prompt, p.rejected) for p in data["eval"]]))
         ps, rs = [a for a, _ in seen], [b for _, b in seen]
         for name in ("bnrm_clean", "bnrm_demo"):
-            theta = model(name).factor_activations(ps, rs, args.batch_size)  # (N, K)
+            theta = factor_activations(model(name), ps, rs, args.batch_size)  # (N, K)
             for by in ("phi", "contribution", "spread"):
                 rep = explain_factors(model(name), ps, rs, 10, 5, args.batch_size, by, theta=theta)
                 atomic_write_json(out / f"factors_{name}_{by}.json", rep)
@@ -361,7 +362,7 @@ def main() -> None:
                                                "length_corr")}
                             | {"top_words": [x["words"] for x in f["top"]]} for f in rep["factors"]]}
             # the first principal direction of θΦ over responses, and how much of the reward spread it carries
-            c = theta * F.relu(model(name).bnrm_head.phi.detach()).double()  # (N, K) per-factor contributions
+            c = theta * F.relu(model(name).head.phi.detach()).double()  # (N, K) per-factor contributions
             sv = torch.linalg.svdvals(c - c.mean(0))
             res["factors"][f"{name}_svd_top1_share"] = float(sv[0] ** 2 / (sv ** 2).sum())
     prev = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}

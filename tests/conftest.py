@@ -89,8 +89,9 @@ def laplace_ensemble(tiny_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path
     member_0 alone is an ordinary trained run directory (for anything that needs one model with a posterior).
     """
     from bayesrm.ensemble import train_ensemble
-    from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
+    from bayesrm.laplace import LaplaceConfig, fit_laplace
     from bayesrm.model import RewardModel
+    from bayesrm.run import POSTERIOR_DIR
     from bayesrm.train import TrainConfig
 
     out = tmp_path_factory.mktemp("laplace_ens")

@@ -171,7 +171,7 @@ def test_training_reaches_theta_net_phi_and_lora(tiny_cfg: Callable[..., RMConfi
         assert any(part in n for n in changed), part
     assert "head.bias" not in changed  # frozen by default: BT sees only differences
     assert not any("base_layer" in n or "embeddings" in n for n in changed)
-    assert model.bnrm_head.kl_log["kl_theta"] > 0 and "eval_accuracy" in hist[-1]
+    assert model.head.kl_log["kl_theta"] > 0 and "eval_accuracy" in hist[-1]
 
 
 def test_head_only_training_freezes_the_backbone(tiny_cfg: Callable[..., RMConfig], tmp_path: Path) -> None:
@@ -181,8 +181,8 @@ def test_head_only_training_freezes_the_backbone(tiny_cfg: Callable[..., RMConfi
         n for n, _ in model.named_parameters() if n.startswith("head.")}
     before = model.trainable_state()
     train(model, toy_pairs(8), dataclasses.replace(FAST, center_coef=0.1), tmp_path, show_progress=False)
-    assert not torch.equal(before["head.phi"], model.bnrm_head.phi.detach())
-    assert float(model.bnrm_head.bias.detach()) < 0  # centering pulls the non-negative θᵀΦ towards 0 through b
+    assert not torch.equal(before["head.phi"], model.head.phi.detach())
+    assert float(model.head.bias.detach()) < 0  # centering pulls the non-negative θᵀΦ towards 0 through b
     assert RewardModel.load(tmp_path / "model").config.freeze_backbone
 
 
@@ -213,7 +213,7 @@ def test_save_load_gives_identical_scores(tiny_cfg: Callable[..., RMConfig], tmp
     model = _bnrm(tiny_cfg, eta=3e-4)
     _perturb(model, seed=1)
     with torch.no_grad():
-        model.bnrm_head.bias.fill_(0.25)
+        model.head.bias.fill_(0.25)
     before, moments = model.score(PROMPTS, RESPONSES), model.predict_moments(PROMPTS, RESPONSES)
     model.save(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
@@ -245,7 +245,7 @@ def test_cli_train_bnrm_and_explain(tiny_dir: dict[str, str], tmp_path: Path) ->
                               "48", "--lora-r", "2", "--lora-alpha", "4", "--lr", "1e-2", "--batch-size", "4",
                               "--head", "bnrm", "--bnrm-k", "6", "--bnrm-eta", "1e-4"])
     assert res.exit_code == 0, res.output
-    assert RewardModel.load(run).bnrm_head.cfg.k == 6
+    assert RewardModel.load(run).head.cfg.k == 6
     out = tmp_path / "explain.json"
     res = runner.invoke(app, ["explain", str(run), str(data), "--top-k", "3", "--per-factor", "2", "--json", str(out)])
     assert res.exit_code == 0, res.output

@@ -28,9 +28,25 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_dir: dict[str, str]) 
                               "--max-length", "48", "--lora-r", "2", "--lora-alpha", "4", "--epochs", "2",
                               "--lr", "1e-2", "--batch-size", "4"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["laplace", str(run), str(data)])
+    res = runner.invoke(app, ["laplace", str(run)])  # default: the training split `train` saved
     assert res.exit_code == 0, res.output
     return run, data
+
+
+def test_laplace_fits_the_saved_training_split_and_eval_warns_in_sample(trained: tuple[Path, Path]) -> None:
+    """Before: the posterior was fitted on whatever file was given (the README used the whole file, eval split
+    included) and eval never noticed."""
+    from bayesrm.data import load_pairs
+    from bayesrm.laplace import LaplacePosterior
+
+    run, _data = trained
+    post = LaplacePosterior.load(run)
+    assert post.fitted_fraction(load_pairs(run / "data" / "train.jsonl")) == 1.0
+    assert post.fitted_fraction(load_pairs(run / "data" / "eval.jsonl")) == 0.0
+    res = runner.invoke(app, ["eval", str(run), str(run / "data" / "train.jsonl")])
+    assert res.exit_code == 0 and "100% of the pairs" in res.output and "in-sample" in res.output
+    res = runner.invoke(app, ["eval", str(run), str(run / "data" / "eval.jsonl")])
+    assert res.exit_code == 0 and "in-sample" not in res.output
 
 
 def test_train_writes_model_metrics_and_checkpoint(trained: tuple[Path, Path]) -> None:
@@ -70,6 +86,20 @@ def test_eval_reports_map_and_laplace_with_ood(trained: tuple[Path, Path], tmp_p
     assert set(k for k in row if "coverage" in k) == {"map_coverage_0.5", "map_coverage_0.9", "bayes_coverage_0.5",
                                                       "bayes_coverage_0.9"}
     assert (out / "reliability.png").exists() and "## Interval coverage" in (out / "report.md").read_text()
+    assert "in-sample" in res.output  # the posterior was fitted on these very pairs
+    from bayesrm.data import load_pairs
+    from bayesrm.laplace import LaplacePosterior
+    from bayesrm.metrics import auroc
+    from bayesrm.model import RewardModel
+
+    model, post = RewardModel.load(run), LaplacePosterior.load(run)
+
+    def sigma(path: Path) -> np.ndarray:
+        ps = load_pairs(path)
+        _, v = post.predict(model, [p.prompt for p in ps] * 2, [p.chosen for p in ps] + [p.rejected for p in ps])
+        return v.sqrt().numpy()
+
+    assert row["ood_auroc_sigma_response"] == pytest.approx(auroc(sigma(ood), sigma(data)))
     res = runner.invoke(app, ["eval", str(run), str(data), "--levels", "0.9,1.5", "--out", str(out)])
     assert res.exit_code == 2 and "levels" in res.output and "Traceback" not in res.output
 
@@ -113,3 +143,23 @@ def test_help_lists_commands() -> None:
     assert res.exit_code == 0
     for cmd in ("train", "eval", "score", "laplace", "bon", "demo", "sample"):
         assert cmd in res.output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["laplace", "--help"], ["train", "--help"], ["score", "--bogus"]])
+def test_help_and_argument_errors_do_not_import_torch(args: list[str]) -> None:
+    """`--help` and argument errors return before any heavy import (they took ~4 s of CPU importing torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom bayesrm.cli import app\ntry:\n    app(" + repr(args) + ")\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nassert 'transformers' not in sys.modules")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_laplace_defaults_come_from_the_config() -> None:
+    from bayesrm.config import LaplaceConfig
+
+    res = runner.invoke(app, ["laplace", "--help"], env={"COLUMNS": "200"})
+    d = LaplaceConfig()
+    assert res.exit_code == 0 and f"[default: {d.kfac}]" in res.output and f"[default: {d.tau_method}]" in res.output

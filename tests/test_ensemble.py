@@ -14,10 +14,11 @@ from conftest import toy_pairs
 from safetensors.torch import load_file
 
 import bayesrm.ensemble as ens_mod
-from bayesrm.ensemble import MANIFEST_NAME, EnsembleRewardModel, train_ensemble
-from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
+from bayesrm.ensemble import EnsembleRewardModel, train_ensemble
+from bayesrm.laplace import LaplaceConfig, fit_laplace
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.objectives import parse_spec
+from bayesrm.run import MANIFEST_NAME, POSTERIOR_DIR
 from bayesrm.train import TrainConfig
 
 TC = TrainConfig(max_steps=3, batch_size=4, checkpoint_every=0)
@@ -245,3 +246,10 @@ def test_load_errors(ens_dir: Path, tiny_cfg: Callable[..., RMConfig], tmp_path:
         EnsembleRewardModel.load([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match="no Laplace posterior"):
         EnsembleRewardModel.load(ens_dir).predict_members(None, PROMPTS[:2], RESPONSES[:2])
+
+
+def test_bnrm_members_are_refused_with_a_clear_error(tiny_cfg: Callable[..., RMConfig], tmp_path: Path) -> None:
+    for i in range(2):
+        RewardModel(tiny_cfg("bert", head="bnrm", bnrm={"k": 4}, lora_seed=i)).save(tmp_path / f"member_{i}" / "model")
+    with pytest.raises(ValueError, match="'bnrm' heads are not supported"):
+        EnsembleRewardModel.load(tmp_path)

@@ -95,6 +95,15 @@ def test_load_config_reports_unknown_fields(tmp_path: Path) -> None:
         load_config(spec)
 
 
-def test_shipped_config_parses() -> None:
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "bon_alpaca.toml")
-    assert cfg.members == 4 and cfg.model.max_length == 256
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("bon_*.toml")))
+def test_shipped_configs_parse_and_keep_the_laplace_defaults(name: str) -> None:
+    """The shipped BoN configs use the library's Laplace defaults (bon_alpaca.toml used to override kfac='reduce',
+    the variant the project's own comparison ranks below 'pair')."""
+    from bayesrm.config import LaplaceConfig
+
+    cfg = load_config(CONFIGS / name)
+    default = LaplaceConfig()
+    assert (cfg.laplace.kfac, cfg.laplace.tau_method) == (default.kfac, default.tau_method)

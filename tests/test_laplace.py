@@ -20,6 +20,7 @@ from conftest import toy_pairs
 from scipy.stats import spearmanr
 from torch.func import functional_call, jacrev
 
+from bayesrm.batching import collate
 from bayesrm.data import Pair
 from bayesrm.laplace import (
     HEAD_KEY,
@@ -33,7 +34,6 @@ from bayesrm.laplace import (
 )
 from bayesrm.metrics import probit_probability
 from bayesrm.model import RewardModel, pool_hidden
-from bayesrm.templates import collate
 from bayesrm.train import TrainConfig, train
 
 Tensor = torch.Tensor
@@ -570,46 +570,92 @@ def test_fit_before_training_is_degenerate_but_finite(tiny_cfg: Callable[..., ob
 # ------------------------------------------------------------------------------------------------ head-only
 
 
-def test_head_laplace_is_exact(trained: RewardModel, train_pairs: list[Pair]) -> None:
-    """Last-layer Laplace: r is linear in [w, b], so the GGN is the BT loss's exact Hessian."""
-    head = {"head.weight": trained.head.weight.detach(), "head.bias": trained.head.bias.detach()}
+@pytest.mark.parametrize(("margin", "center"), [(0.0, 0.0), (0.5, 0.2)])
+def test_head_laplace_is_exact(trained: RewardModel, train_pairs: list[Pair], margin: float, center: float) -> None:
+    """Last-layer Laplace: r is linear in w, so the GGN is the training loss's exact Hessian, margin and centering
+    included; the frozen bias is not a parameter and the prior is centred at the head's initial weight.
+
+    Before: the posterior covered [w, b] (every σ² got +1/τ from the bias), had prior mean 0, and ignored the
+    margin and the centering term of the loss the model was trained with.
+    """
     n = len(train_pairs)
     x, m = _pair_batch(trained, train_pairs)
+    b = trained.head.bias.detach()
 
-    def loss(w: Tensor) -> Tensor:  # θ = [w, b] flattened, like the posterior's (1, d+1) row
-        r = functional_call(trained, {"head.weight": w[:-1].unsqueeze(0), "head.bias": w[-1:]}, (x, m))
-        return -F.logsigmoid(r[:n] - r[n:]).sum()
+    def rewards(w: Tensor, xx: Tensor, mm: Tensor) -> Tensor:
+        return functional_call(trained, {"head.weight": w.unsqueeze(0), "head.bias": b}, (xx, mm))
 
-    theta = torch.cat([head["head.weight"].reshape(-1), head["head.bias"]])
-    H = jacrev(jacrev(loss))(theta).detach()  # exact Hessian (d+1, d+1), reverse-over-reverse
+    def loss(w: Tensor) -> Tensor:  # the training loss: BT with margin + centering
+        r = rewards(w, x, m)
+        return (-F.logsigmoid(r[:n] - r[n:] - margin) + center * (r[:n] + r[n:]).square()).sum()
+
+    theta = trained.head.weight.detach().reshape(-1)
+    assert trained.head_init is not None
+    mu0 = trained.head_init.double().reshape(-1)
+    H = jacrev(jacrev(loss))(theta).detach()  # exact Hessian (d, d), reverse-over-reverse
     tau = 0.7
-    p = fit_laplace(trained, train_pairs, LaplaceConfig(subset="head", tau_method="fixed", prior_precision=tau))
-    assert list(p.blocks) == [HEAD_KEY]
+    cfg = LaplaceConfig(subset="head", tau_method="fixed", prior_precision=tau, margin=margin, center_coef=center)
+    p = fit_laplace(trained, train_pairs, cfg)
+    assert list(p.blocks) == [HEAD_KEY] and p.blocks[HEAD_KEY].theta.numel() == len(theta)
     cov = torch.linalg.inv(H + tau * torch.eye(len(theta), dtype=torch.double))
     prompts = [q.prompt for q in ID_PAIRS] + OOD_PROMPTS[:3]
     responses = [q.chosen for q in ID_PAIRS] + OOD_RESPONSES[:3]
     xt, mt = _batch(trained, prompts, responses)
-    Jt = jacrev(lambda w: functional_call(trained, {"head.weight": w[:-1].unsqueeze(0), "head.bias": w[-1:]},
-                                          (xt, mt)))(theta).detach()  # (B, d+1)
+    Jt = jacrev(lambda w: rewards(w, xt, mt))(theta).detach()  # (B, d)
     mean, var = p.predict(trained, prompts, responses)
     assert _rel(var, ((Jt @ cov) * Jt).sum(1)) < 1e-10 and _rel(mean, trained(xt, mt).detach()) < 1e-12
     k = len(ID_PAIRS)
-    Jl = jacrev(lambda w: functional_call(trained, {"head.weight": w[:-1].unsqueeze(0), "head.bias": w[-1:]},
-                                          _batch(trained, prompts[:k], [q.rejected for q in ID_PAIRS])))(theta)
-    Jd = Jt[:k] - Jl.detach()  # J_Δ: the bias cancels
+    Jl = jacrev(lambda w: rewards(w, *_batch(trained, prompts[:k], [q.rejected for q in ID_PAIRS])))(theta)
+    Jd = Jt[:k] - Jl.detach()  # J_Δ
     _, vd = p.predict_pairs(trained, ID_PAIRS)
-    assert _rel(vd, ((Jd @ cov) * Jd).sum(1)) < 1e-10 and float(Jd[:, -1].abs().max()) == 0.0
-    # evidence: dense formula, τ search = fine grid optimum = MacKay
+    assert _rel(vd, ((Jd @ cov) * Jd).sum(1)) < 1e-10
+    # evidence: dense formula with the prior centred at the initial head weight; τ search = grid optimum = MacKay
     sign, logdet = torch.linalg.slogdet(H + tau * torch.eye(len(theta), dtype=torch.double))
-    dense = -float(loss(theta).detach()) - 0.5 * (float(logdet) - len(theta) * math.log(tau)) - 0.5 * tau * float(
-        theta.square().sum())
+    scatter = float((theta - mu0).square().sum())
+    dense = -float(loss(theta).detach()) - 0.5 * (float(logdet) - len(theta) * math.log(tau)) - 0.5 * tau * scatter
     assert float(sign) > 0 and abs(p.log_marginal_likelihood() - dense) < 1e-10 * abs(dense)
     t_ml = p.optimize_prior_precision("marglik")[HEAD_KEY]
     ev = torch.linalg.eigvalsh(H).clamp_min(0.0)
-    terms = {HEAD_KEY: (ev, float(theta.square().sum()))}
+    terms = {HEAD_KEY: (ev, scatter)}
     grid = t_ml * torch.logspace(-1, 1, 2001, dtype=torch.double)
     vals = torch.tensor([_dense_objective(terms, [HEAD_KEY], float(s)) for s in grid], dtype=torch.double)
     assert 1e-5 < t_ml < 1e7 and abs(float(grid[int(vals.argmax())]) / t_ml - 1) < 2.5e-3
     p.tau = {HEAD_KEY: 1.0}
     t_mk = p.optimize_prior_precision("mackay")[HEAD_KEY]
     assert abs(t_mk / t_ml - 1) < 1e-4
+
+
+def test_pair_kfac_uses_the_training_likelihood(tiny_cfg: Callable[..., object]) -> None:
+    """With margin m and centering c the GGN is Σ Λ(Δ − m) J_Δ J_Δᵀ + 2c Σ J_s J_sᵀ (J_s = J_w + J_l); PAIR keeps
+    its trace exactly, and the log-likelihood is that of the training loss."""
+    pairs = toy_pairs(3, seed=6)
+    model = _model(tiny_cfg, "bert")
+    n, margin, center = len(pairs), 0.7, 0.3
+    x, m = _pair_batch(model, pairs)
+    Jr = _jac(model, x, m)
+    with torch.no_grad():
+        r = model(x, m)
+    d = r[:n] - r[n:] - margin
+    lam = torch.sigmoid(d) * torch.sigmoid(-d)
+    G, A, log_lik = kfac_factors(model, pairs, "pair", margin=margin, center_coef=center)
+    expected_ll = float((F.logsigmoid(d) - center * (r[:n] + r[n:]).square()).sum())
+    assert abs(log_lik - expected_ll) < 1e-10 * abs(expected_ll)
+    for k in model.lora_parameters():
+        Jd = (Jr[k][:n] - Jr[k][n:]).reshape(n, -1)
+        Js = (Jr[k][:n] + Jr[k][n:]).reshape(n, -1)
+        exact = (Jd.T * lam) @ Jd + 2 * center * Js.T @ Js
+        kf = torch.kron(G[k], A[k])
+        assert abs(float(kf.trace() / exact.trace()) - 1) < 1e-12, k
+    with pytest.raises(ValueError, match="kfac='pair'"):
+        LaplaceConfig(kfac="reduce", center_coef=0.1)
+
+
+def test_posterior_records_the_pairs_it_was_fitted_on(trained: RewardModel, train_pairs: list[Pair],
+                                                      tmp_path: Path) -> None:
+    p = fit_laplace(trained, train_pairs[:10], LaplaceConfig(subset="head"))
+    p.save(tmp_path / "post")
+    q = LaplacePosterior.load(tmp_path / "post")
+    assert q.fitted_fraction(train_pairs[:10]) == 1.0
+    assert q.fitted_fraction(train_pairs[10:]) == 0.0
+    assert q.fitted_fraction(train_pairs[5:15]) == 0.5
+    assert q.data_fingerprint == p.data_fingerprint is not None

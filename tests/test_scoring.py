@@ -42,20 +42,60 @@ def test_la_penalties_use_the_saved_posterior(laplace_ensemble: Path, rule: str)
     assert len(rows) == len(PROMPTS) and rows[0]["selection"] == pytest.approx(float(s.selection[0]))
 
 
-def test_ensemble_specs(laplace_ensemble: Path) -> None:
+def test_ensemble_specs_standardise_members_with_the_stored_statistics(laplace_ensemble: Path) -> None:
     ens = EnsembleRewardModel.load(laplace_ensemble)
-    R = ens.score_members(PROMPTS, RESPONSES).double()  # (2, N)
+    assert ens.ref_mean is not None and ens.ref_std is not None  # fitted by train_ensemble on training responses
+    R = ens.score_members(PROMPTS, RESPONSES).double()  # (2, N) raw member rewards
+    Z = (R - ens.ref_mean[:, None]) / ens.ref_std[:, None]
     wco = Scorer.load(laplace_ensemble, "ens:wco")(PROMPTS, RESPONSES)
-    torch.testing.assert_close(wco.selection, R.min(0).values, rtol=0, atol=1e-6)
-    torch.testing.assert_close(wco.reward, R.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(wco.selection, Z.min(0).values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(wco.reward, Z.mean(0), rtol=0, atol=1e-6)
     assert wco.std is not None
-    torch.testing.assert_close(wco.std, R.std(0, correction=0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(wco.std, Z.std(0, correction=0), rtol=0, atol=1e-6)
     M, V = ens.predict_members(None, PROMPTS, RESPONSES)
     la = Scorer.load(laplace_ensemble, "la-ens:std:k=1")(PROMPTS, RESPONSES)
-    mu, var = la_ens(M, V)
+    mu, var = la_ens(*ens.standardize(M, V))
     torch.testing.assert_close(la.selection, mu - var.sqrt())
     assert la.std is not None
     torch.testing.assert_close(la.std, var.sqrt())
+
+
+def test_ensemble_specs_ignore_a_members_bt_offset(laplace_ensemble: Path, tmp_path: Path) -> None:
+    """BT rewards are defined up to a shift: shifting one member's head bias must not change ens:wco or ens:uwo.
+
+    Before member standardisation was stored and applied, `Scorer` took the min over raw rewards, so a +5
+    offset on member 1 made the min the other member everywhere and changed the selection.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bayesrm.ensemble import fit_standardization, reference_responses
+
+    shifted = tmp_path / "ens"
+    shutil.copytree(laplace_ensemble, shifted)
+    head = shifted / "member_1" / "model" / "head.safetensors"
+    w = load_file(str(head))
+    save_file({"weight": w["weight"], "bias": w["bias"] + 5.0}, str(head))
+    ref_prompts, ref_responses = reference_responses(toy_pairs(16))
+    fit_standardization(shifted, ref_prompts, ref_responses, source="test")
+    for spec in ("ens:wco", "ens:uwo:lambda=0.5", "ens:mean"):
+        a = Scorer.load(laplace_ensemble, spec)(PROMPTS, RESPONSES).selection
+        b = Scorer.load(shifted, spec)(PROMPTS, RESPONSES).selection
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)  # z-scores O(1); fp32 rewards near 5 round
+
+
+def test_ensemble_without_statistics_refuses(laplace_ensemble: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    bare = tmp_path / "ens"
+    shutil.copytree(laplace_ensemble, bare)
+    man = json.loads((bare / "manifest.json").read_text())
+    del man["standardization"]
+    (bare / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="bayesrm standardize"):
+        Scorer.load(bare, "ens:wco")(PROMPTS, RESPONSES)
 
 
 def test_vi_penalties_read_the_bnrm_posterior(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

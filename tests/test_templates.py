@@ -6,10 +6,9 @@ import random
 from typing import Any
 
 import pytest
-import torch
 
 from bayesrm.model import resolve_backbone
-from bayesrm.templates import Template, collate, encode, length_sorted_batches, render, special_wrap, truncate
+from bayesrm.templates import Template, encode, render, special_wrap, truncate
 
 SIMPLE_CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </{{ m['role'] }}> {% endfor %}"
                "{% if add_generation_prompt %}<assistant> {% endif %}")
@@ -122,18 +121,51 @@ def test_truncate_is_pure() -> None:
     assert truncate([1, 2, 3], [6, 7, 8, 9], 2) == [8, 9]
 
 
-def test_collate_right_pads() -> None:
-    ids, mask = collate([[5, 6, 7], [8], [9, 10]], pad_id=0)
-    assert torch.equal(ids, torch.tensor([[5, 6, 7], [8, 0, 0], [9, 10, 0]]))
-    assert torch.equal(mask, torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]]))
-    assert ids.dtype == mask.dtype == torch.long
+def test_truncate_keeps_a_prompt_budget_brute_force() -> None:
+    """Every length combination: never over budget, the prompt keeps its end (≥ its budget or all of it), the
+    response keeps the chosen end, and no room is left unused while either part was cut."""
+    for n_pre in range(0, 9):
+        for n_res in range(0, 12):
+            pre, res = list(range(100, 100 + n_pre)), list(range(200, 200 + n_res))
+            for budget in range(1, 16):
+                for pb in range(0, budget + 2):
+                    for keep_end in (True, False):
+                        out = truncate(pre, res, budget, pb, keep_end)
+                        p, r = [t for t in out if t < 200], [t for t in out if t >= 200]
+                        assert len(out) <= budget and out == p + r
+                        assert p == pre[len(pre) - len(p):]  # a suffix of the prompt
+                        assert r == (res[len(res) - len(r):] if keep_end else res[:len(r)])
+                        assert len(p) >= min(n_pre, pb, budget - 1) or len(p) == n_pre
+                        if len(out) < budget:
+                            assert (len(p), len(r)) == (n_pre, n_res)
+                        if n_res and budget > 1:
+                            assert r, "the response is never cut away entirely"
 
 
-def test_length_sorted_batches_cover_every_index_once() -> None:
-    rng = random.Random(1)
-    lengths = [rng.randint(1, 50) for _ in range(103)]
-    batches = length_sorted_batches(lengths, 8)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(103))
-    assert all(len(b) == 8 for b in batches[:-1]) and len(batches[-1]) == 103 % 8
-    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # similar lengths share a batch
+def test_long_pairs_keep_prompt_and_response(tok: Any) -> None:
+    """Before the prompt budget, a response longer than max_length left no prompt token (issue 18)."""
+    prompt = "please explain the rules of chess to a beginner"
+    response = " ".join(["word"] * 200)
+    old = encode(tok, [prompt], [response], template="plain", max_length=64)[0]
+    new = encode(tok, [prompt], [response], template="plain", max_length=64, prompt_budget=0.25)[0]
+    prompt_ids = set(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert not prompt_ids & set(old)
+    assert len(new) == 64 and "beginner" in tok.decode(new) and len(prompt_ids & set(new)) >= 5
+    start = encode(tok, [prompt], [response + " finale"], template="plain", max_length=64, prompt_budget=0.25,
+                   keep_end=False)[0]
+    assert "finale" not in tok.decode(start) and "finale" in tok.decode(
+        encode(tok, [prompt], [response + " finale"], template="plain", max_length=64, prompt_budget=0.25)[0])
+
+
+def test_model_config_records_truncation_and_old_models_keep_theirs(tiny_cfg: Any) -> None:
+    from bayesrm.model import RMConfig
+
+    cfg = tiny_cfg("bert")
+    assert (cfg.prompt_budget, cfg.response_keep) == (0.25, "auto")
+    d = cfg.to_dict()
+    assert d["prompt_budget"] == 0.25 and RMConfig.from_dict(d).prompt_budget == 0.25
+    legacy = {k: v for k, v in d.items() if k not in ("prompt_budget", "response_keep")}
+    old = RMConfig.from_dict(legacy)
+    assert (old.prompt_budget, old.response_keep) == (0.0, "end")
+    with pytest.raises(ValueError, match="response_keep"):
+        RMConfig(response_keep="middle")

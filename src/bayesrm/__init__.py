@@ -1,25 +1,41 @@
-"""bayesrm: uncertainty-aware (Bayesian) reward models for LLM alignment."""
+"""bayesrm: uncertainty-aware (Bayesian) reward models for LLM alignment.
 
-from bayesrm.bon import BonCurve, bon_curve, bon_estimate, bon_weights, kl_bon
-from bayesrm.data import DataError, Pair, load_pairs, split_by_prompt
-from bayesrm.ensemble import EnsembleRewardModel, train_ensemble
-from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
-from bayesrm.model import RewardModel, RMConfig
-from bayesrm.objectives import SelectionSpec, parse_spec
-from bayesrm.scoring import Scorer, Scores
-from bayesrm.train import TrainConfig
+Names are re-exported lazily (PEP 562), so `import bayesrm` and the CLI's `--help` do not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "BonCurve": "bayesrm.bon", "bon_curve": "bayesrm.bon", "bon_estimate": "bayesrm.bon",
+    "bon_weights": "bayesrm.bon", "kl_bon": "bayesrm.bon",
+    "DataError": "bayesrm.data", "Pair": "bayesrm.data", "load_pairs": "bayesrm.data",
+    "split_by_prompt": "bayesrm.data",
+    "EnsembleRewardModel": "bayesrm.ensemble", "train_ensemble": "bayesrm.ensemble",
+    "EvalConfig": "bayesrm.config", "LaplaceConfig": "bayesrm.config", "TrainConfig": "bayesrm.config",
+    "evaluate": "bayesrm.evaluation", "export_model": "bayesrm.export",
+    "LaplacePosterior": "bayesrm.laplace", "fit_laplace": "bayesrm.laplace",
+    "RewardModel": "bayesrm.model", "RMConfig": "bayesrm.model",
+    "SelectionSpec": "bayesrm.objectives", "parse_spec": "bayesrm.objectives",
+    "RunDir": "bayesrm.run",
+    "Scorer": "bayesrm.scoring", "Scores": "bayesrm.scoring",
+}
 
 __all__ = [
     "BonCurve",
     "DataError",
     "EnsembleRewardModel",
+    "EvalConfig",
     "LaplaceConfig",
     "LaplacePosterior",
     "Pair",
     "RMConfig",
     "RewardModel",
+    "RunDir",
     "Scorer",
     "Scores",
     "SelectionSpec",
@@ -28,6 +44,8 @@ __all__ = [
     "bon_curve",
     "bon_estimate",
     "bon_weights",
+    "evaluate",
+    "export_model",
     "fit_laplace",
     "kl_bon",
     "load_pairs",
@@ -35,3 +53,24 @@ __all__ = [
     "split_by_prompt",
     "train_ensemble",
 ]
+
+if TYPE_CHECKING:
+    from bayesrm.bon import BonCurve, bon_curve, bon_estimate, bon_weights, kl_bon
+    from bayesrm.config import EvalConfig, LaplaceConfig, TrainConfig
+    from bayesrm.data import DataError, Pair, load_pairs, split_by_prompt
+    from bayesrm.ensemble import EnsembleRewardModel, train_ensemble
+    from bayesrm.evaluation import evaluate
+    from bayesrm.export import export_model
+    from bayesrm.laplace import LaplacePosterior, fit_laplace
+    from bayesrm.model import RewardModel, RMConfig
+    from bayesrm.objectives import SelectionSpec, parse_spec
+    from bayesrm.run import RunDir
+    from bayesrm.scoring import Scorer, Scores
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'bayesrm' has no attribute {name!r}")

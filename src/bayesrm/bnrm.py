@@ -25,17 +25,13 @@ Deliberate departures from the released code (bnrm.md, "pitfalls"), each switcha
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    from bayesrm.model import RewardModel
 
 EULER_GAMMA = 0.5772156649015329
 _LOG_FLOOR = 1e-10  # the released code's log_max floor, for log λ of dead Φ factors and log(−log(1 − u))
@@ -241,49 +237,18 @@ class BNRMHead(nn.Module):
         mean, var = bnrm_reward_moments(p.mu_theta, p.var_theta, p.mu_phi, p.var_phi)
         return mean + self.bias.double(), var
 
+    has_moments = True
+
+    def regularizer(self, n_data: int) -> torch.Tensor:
+        """The per-pair ELBO KL term of the last training forward (`kl_loss`)."""
+        return self.kl_loss(n_data)
+
+    def pair_moments(self, f_w: torch.Tensor, f_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[Δ], Var[Δ]) per pair, Var[Δ] = Var r_w + Var r_l − 2 Cov (the shared Φ), float64."""
+        (mw, vw), (ml, vl) = self.moments(f_w), self.moments(f_l)
+        cov = pair_covariance(self.theta(f_w).double(), self.theta(f_l).double(), self.phi_moments()[1])
+        return mw - ml, vw + vl - 2.0 * cov
+
     def theta(self, features: torch.Tensor) -> torch.Tensor:
         """Factor activations E_q[θ] (B, K): how much each response loads on each factor."""
         return self.theta_params(features)[0]
-
-    def top_factors(self, n: int) -> torch.Tensor:
-        """Indices of the n factors with the largest E_q[Φ] (the paper's ranking, App. B)."""
-        return torch.argsort(F.relu(self.phi.detach()), descending=True)[:n]
-
-
-# --------------------------------------------------------------------------- interpretability
-
-
-def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    den = float(x.norm() * y.norm())
-    return float(x @ y) / den if den > 0 else math.nan
-
-
-def explain_factors(model: RewardModel, prompts: Sequence[str], responses: Sequence[str], top_k: int = 10,
-                    per_factor: int = 5, batch_size: int = 32, by: str = "phi", theta: torch.Tensor | None = None
-                    ) -> dict[str, Any]:
-    """Top-k factors and, for each, the responses with the largest θ_k, their lengths in words and r(θ_k, length).
-
-    Ranking `by`: "phi" (E[Φ_k], the paper's App. B), "contribution" (mean θ_k Φ_k: what the reward is made of)
-    or "spread" (std of θ_k Φ_k over the responses: what moves rewards between them). `theta`: precomputed
-    `model.factor_activations(prompts, responses)` (N, K).
-    """
-    if by not in ("phi", "contribution", "spread"):
-        raise ValueError(f"by must be 'phi', 'contribution' or 'spread', got {by!r}")
-    if theta is None:
-        theta = model.factor_activations(prompts, responses, batch_size)  # (N, K)
-    phi = F.relu(model.bnrm_head.phi.detach()).double().cpu()  # (K,)
-    words = torch.tensor([len(r.split()) for r in responses], dtype=torch.double)  # (N,)
-    rank = {"phi": phi, "contribution": theta.mean(0) * phi, "spread": theta.std(0) * phi}[by]
-    factors = []
-    for k in torch.argsort(rank, descending=True)[:top_k].tolist():
-        col = theta[:, k]  # (N,)
-        top = torch.argsort(col, descending=True)[:per_factor].tolist()
-        factors.append({
-            "factor": k, "phi": float(phi[k]), "mean_theta": float(col.mean()), "std_theta": float(col.std()),
-            "active_frac": float((col > 2e-6).double().mean()), "length_corr": _pearson(col, words),
-            "top": [{"prompt": prompts[i], "response": responses[i], "theta": float(col[i]),
-                     "words": int(words[i])} for i in top]})
-    return {"k": int(phi.numel()), "active_phi": int((phi > 0).sum()),
-            "active_theta": int((theta > 2e-6).any(0).sum()), "n_responses": len(responses), "ranked_by": by,
-            "factors": factors}

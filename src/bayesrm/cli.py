@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bayesrm.config import EvalConfig, LaplaceConfig, Subset
 from bayesrm.data import (
     DataError,
     DataFormat,
@@ -23,15 +24,13 @@ from bayesrm.data import (
     save_pairs,
     split_by_prompt,
 )
-from bayesrm.evaluation import EvalConfig
-from bayesrm.model import find_model_dir
 from bayesrm.progress import progress_bar
+from bayesrm.run import RunDir
 
 app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RMs, Laplace-LoRA, best-of-n.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-_EVAL_DEFAULTS = EvalConfig()
 
 
 def _friendly(fn: F) -> F:
@@ -157,48 +156,64 @@ def _print_metrics(title: str, row: dict[str, Any]) -> None:
     console.print(t)
 
 
+_LA = LaplaceConfig()  # defaults of the options below
+_EVAL = EvalConfig()
+
+
 @app.command("laplace")
 @_friendly
 def laplace_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="trained model (run dir or model dir)")],
-    data: Annotated[str, typer.Argument(help="the pairs the model was trained on")],
+    model_dir: Annotated[Path, typer.Argument(help="trained run (or model) directory")],
+    data: Annotated[str | None, typer.Argument(help="the pairs the model was trained on (default: the training "
+                                                    "split `train` saved in RUN/data/train.jsonl)")] = None,
     val_data: Annotated[str | None, typer.Option(help="validation pairs (for --tau-method val_nll)")] = None,
-    kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = "pair",
+    kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = (
+        _LA.kfac),
     subset: Annotated[str | None, typer.Option(help="lora (Laplace-LoRA) | head (last-layer); default lora, or "
                                                     "head for a model without LoRA (a transformers reward "
                                                     "model)")] = None,
-    tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = "marglik",
-    prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = "layerwise",
-    prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = 1.0,
-    rank: Annotated[int | None, typer.Option(help="rank of large (≥ --lowrank-threshold) factors")] = None,
-    lowrank_threshold: int = 2048,
-    batch_size: int = 8,
+    tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = _LA.tau_method,
+    prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = _LA.prior_structure,
+    prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = _LA.prior_precision,
+    rank: Annotated[int | None, typer.Option(help="rank of large (≥ --lowrank-threshold) factors")] = _LA.rank,
+    lowrank_threshold: int = _LA.lowrank_threshold,
+    batch_size: int = _LA.batch_size,
     limit: int | None = None,
     format: FormatOpt = DataFormat.AUTO.value,
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision."""
-    from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, fit_laplace
-    from bayesrm.model import RewardModel
+    """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision.
 
-    model = RewardModel.load(model_dir)
+    The likelihood is the one the run was trained with (margin, centering: read from RUN/train_config.json).
+    """
+
+    run = RunDir.of(model_dir)
+    if not run.has_model:
+        raise FileNotFoundError(f"{model_dir}: no trained model here (train one with `bayesrm train`)")
+    if data is None:
+        if not run.train_split.exists():
+            raise FileNotFoundError(f"{model_dir}: no saved training split ({run.train_split}); pass the pairs the "
+                                    "model was trained on as DATA")
+        data = str(run.train_split)
     pairs = _load(data, format, field, skip_invalid, limit)
     val = _load(val_data, format, field, skip_invalid) if val_data else []
+    from bayesrm.laplace import fit_laplace
+    from bayesrm.model import RewardModel
+
+    model = RewardModel.load(run.model_dir)
     if subset is None:
-        subset = "head" if model.config.seq_cls else LaplaceConfig.subset
+        subset = Subset.HEAD.value if model.config.seq_cls else _LA.subset
     cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
                         prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
-                        batch_size=batch_size)
+                        batch_size=batch_size).for_training(run.train_config())
     with progress_bar("KFAC fit (pairs)", len(pairs), console) as advance:
         post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
-    dest = find_model_dir(model_dir) / POSTERIOR_DIR
-    post.save(dest)
+    post.save(run.posterior_dir)
     taus = sorted(post.tau.values())
-    console.print(f"posterior saved to {dest}; τ ({cfg.tau_method}, {cfg.prior_structure}): "
-                  f"min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, max {taus[-1]:.4g}; "
-                  f"log marginal likelihood {post.log_marginal_likelihood():.2f}")
-
+    console.print(f"posterior (fitted on {len(pairs)} pairs of {data}) saved to {run.posterior_dir}; "
+                  f"τ ({cfg.tau_method}, {cfg.prior_structure}): min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, "
+                  f"max {taus[-1]:.4g}; log marginal likelihood {post.log_marginal_likelihood():.2f}")
 
 
 @app.command("eval")
@@ -211,10 +226,10 @@ def eval_cmd(
                                            "predictions.jsonl")] = Path("runs/eval"),
     ood: Annotated[str | None, typer.Option(help="out-of-distribution pairs: AUROC of σ for ID vs OOD")] = None,
     levels: Annotated[str, typer.Option(help="nominal levels of the predictive intervals, comma-separated")] = ",".join(
-        f"{x:g}" for x in _EVAL_DEFAULTS.levels),
-    n_bins: Annotated[int, typer.Option(help="confidence bins (ECE, MCE, reliability)")] = _EVAL_DEFAULTS.n_bins,
-    n_boot: Annotated[int, typer.Option(help="bootstrap replicates over prompts for CIs")] = _EVAL_DEFAULTS.n_boot,
-    batch_size: int = _EVAL_DEFAULTS.batch_size,
+        f"{x:g}" for x in _EVAL.levels),
+    n_bins: Annotated[int, typer.Option(help="confidence bins (ECE, MCE, reliability)")] = _EVAL.n_bins,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates over prompts for CIs")] = _EVAL.n_boot,
+    batch_size: int = _EVAL.batch_size,
     limit: int | None = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the headline numbers here")] = None,
     format: FormatOpt = DataFormat.AUTO.value,
@@ -223,7 +238,7 @@ def eval_cmd(
 ) -> None:
     """Accuracy, NLL, Brier, ECE/MCE, interval coverage, selective prediction and σ's error/OOD AUROC for the MAP
     and the Bayesian predictive (Laplace, BNRM or ensemble), per subset when the data has one."""
-    from bayesrm.evaluation import EvalConfig, evaluate, render_markdown, summary
+    from bayesrm.evaluation import evaluate, render_markdown, summary
     from bayesrm.io import atomic_write_json
 
     try:
@@ -235,6 +250,10 @@ def eval_cmd(
     ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit) if ood else []
     report = evaluate(model_dir, pairs, cfg, out, ood_pairs, meta={"data": data, "ood": ood})
     console.print(render_markdown(report))
+    seen = report["meta"]["in_sample_fraction"]
+    if seen:
+        console.print(f"[bold yellow]warning:[/] {seen:.0%} of the pairs in {data} were used to fit the posterior: "
+                      "these metrics are in-sample")
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; plots: {out / 'reliability.png'}, "
                   f"{out / 'selective.png'}; predictions: {out / 'predictions.jsonl'}")
     row = summary(report)
@@ -257,107 +276,6 @@ def export_cmd(
     console.print(f"exported to {out} (merged; max |Δr| {info['merged_max_abs_error']:.2g} through transformers) "
                   f"and {out / ADAPTER_DIR} (peft; max |Δr| {info['adapter_max_abs_error']:.2g}); input format in "
                   f"{out / 'README.md'}")
-
-
-def _score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[dict[str, Any]]:
-    """Rows of a `score` input, each checked to hold text in the prompt and response fields."""
-    for line, row in iter_rows(input):
-        for f in (prompt_field, response_field):
-            if not isinstance(row.get(f), str):
-                raise DataError("missing or not text", file=input, line=line, field=f)
-        yield row
-
-
-def _add_scores(scorer: Any, rows: list[dict[str, Any]], fields: tuple[str, str],
-                progress: Callable[[int], None] | None = None) -> None:
-    """Add `reward` to each row and, for uncertainty specs, reward_std, reward_var, reward_penalized and penalty."""
-    if not rows:
-        return
-    scores = scorer.score([r[fields[0]] for r in rows], [r[fields[1]] for r in rows], progress=progress)
-    for r, s in zip(rows, scores.rows(), strict=True):
-        r["reward"] = s["reward"]
-        if scorer.spec.family.value != "map":
-            std = s["std"]
-            if std is not None:
-                r |= {"reward_std": std, "reward_var": std**2}
-            r |= {"reward_penalized": s["selection"], "penalty": str(scorer.spec)}
-
-
-def _score_device(device: str, index: int) -> str | None:
-    """`--device auto`: GPU index mod #GPUs when CUDA is available, else None (CPU); anything else as given."""
-    import torch
-
-    if device != "auto":
-        return device
-    return f"cuda:{index % torch.cuda.device_count()}" if torch.cuda.is_available() else None
-
-
-def _score_shard(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], index: int, num: int,
-                 batch_size: int, device: str | None) -> None:
-    """Score rows of shard `index` of `num` into its shard file (skipped if that file exists)."""
-    import itertools
-    import time
-
-    from bayesrm import shard as sh
-    from bayesrm.scoring import Scorer
-
-    total = sum(1 for _ in _score_rows(input, *fields))
-    sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num))
-    if sh.shard_path(out, index, num).exists():
-        console.print(f"shard {index}/{num} already done")
-        return
-    span, t0 = sh.shard_range(total, index, num), time.perf_counter()
-    rows = list(itertools.islice(_score_rows(input, *fields), span.start, span.stop))
-    _add_scores(Scorer.load(model_dir, spec, device=device, batch_size=batch_size), rows, fields)
-    sh.write_shard(out, index, num, rows)
-    console.print(f"shard {index}/{num}: {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
-
-
-def _score_parallel(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], num: int,
-                    batch_size: int, threads: int | None, device: str) -> None:
-    """Score `num` shards in `num` processes, then merge in input order.
-
-    This process scores the first unfinished shard itself and starts `bayesrm score --shard i/num` for the others.
-    """
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    import torch
-
-    from bayesrm import shard as sh
-
-    total = sum(1 for _ in _score_rows(input, *fields))  # every row is checked before any worker starts
-    if sh.prepare_shards(out, sh.ShardRun.describe(input, total, model_dir, spec, fields, num), discard=True):
-        console.print(f"discarded shards of a different earlier run in {sh.shard_dir(out)}")
-    todo = sh.pending_shards(out, num)
-    if len(todo) < num:
-        console.print(f"{num - len(todo)} of {num} shards already done")
-    t = threads or sh.threads_per_process(max(len(todo), 1))
-    env = os.environ | {"OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t), "RAYON_NUM_THREADS": str(t)}
-    base = [sys.executable, "-m", "bayesrm", "score", str(model_dir), input, "--out", str(out), "--spec", spec,
-            "--batch-size", str(batch_size), "--prompt-field", fields[0], "--response-field", fields[1],
-            "--threads", str(t)]
-    procs = {i: subprocess.Popen([*base, "--shard", f"{i}/{num}", "--device", _score_device(device, i) or "cpu"],
-                                 env=env) for i in todo[1:]}
-    try:
-        if todo:
-            torch.set_num_threads(t)
-            _score_shard(model_dir, input, out, spec, fields, todo[0], num, batch_size, _score_device(device, todo[0]))
-        codes = {i: p.wait() for i, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
-    failed = {i: c for i, c in codes.items() if c != 0}
-    if failed:
-        raise ValueError(f"shards {sorted(failed)} of {num} failed (exit codes {sorted(set(failed.values()))}); "
-                         "rerun the same command to redo only unfinished shards")
-    rows = sh.merge_shards(out, num, total)
-    shutil.rmtree(sh.shard_dir(out))
-    console.print(f"wrote {rows} scored rows to {out} ({num} shards)")
 
 
 @app.command("score")
@@ -387,8 +305,6 @@ def score_cmd(
 
     Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) each rank scores its shard and rank 0 merges.
     """
-    import shutil
-
     import torch
 
     from bayesrm import shard as sh
@@ -407,24 +323,47 @@ def score_cmd(
     ranked = sh.launcher_rank() if shard is None and num_processes == 1 else None
     if shard is not None:
         i, n = sh.parse_shard(shard)
-        _score_shard(model_dir, input, out, spec, fields, i, n, batch_size, _score_device(device, i))
+        sh.score_shard(model_dir, input, out, spec, fields, i, n, batch_size, sh.score_device(device, i), console.print)
     elif ranked is not None:
-        rank, world, local = ranked
-        _score_shard(model_dir, input, out, spec, fields, rank, world, batch_size, _score_device(device, local))
-        if rank == 0:
-            sh.wait_for_shards(out, world)
-            merged = sh.merge_shards(out, world)
-            shutil.rmtree(sh.shard_dir(out))
-            console.print(f"wrote {merged} scored rows to {out} ({world} ranks)")
+        sh.score_ranked(model_dir, input, out, spec, fields, *ranked, batch_size, device, console.print)
     elif num_processes > 1:
-        _score_parallel(model_dir, input, out, spec, fields, num_processes, batch_size, threads, device)
+        sh.score_parallel(model_dir, input, out, spec, fields, num_processes, batch_size, threads, device,
+                          console.print)
     else:
-        rows = list(_score_rows(input, *fields))
-        scorer = Scorer.load(model_dir, spec, device=_score_device(device, 0), batch_size=batch_size)
+        rows = list(sh.score_rows(input, *fields))
+        scorer = Scorer.load(model_dir, spec, device=sh.score_device(device, 0), batch_size=batch_size)
         with progress_bar("scoring", len(rows), console) as advance:
-            _add_scores(scorer, rows, fields, advance)
+            sh.add_scores(scorer, rows, fields, advance)
         write_jsonl(out, rows)
         console.print(f"wrote {len(rows)} scored rows to {out}")
+
+
+@app.command("standardize")
+@_friendly
+def standardize_cmd(
+    ensemble_dir: Annotated[Path, typer.Argument(help="ensemble directory (manifest.json + member_i/)")],
+    reference: Annotated[str, typer.Argument(help="reference responses: rows with prompt and response (e.g. "
+                                                  "samples of the policy you will select from), or pairs")],
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    limit: Annotated[int, typer.Option(help="use at most this many reference responses")] = 1000,
+    batch_size: int = 32,
+) -> None:
+    """Fit and store each member's standardisation statistics (mean, std) on a reference set (ens:/la-ens: specs)."""
+    from bayesrm.ensemble import fit_standardization, reference_responses
+
+    first = next(iter_rows(reference), (0, {}))[1]
+    if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):  # pairs: both sides
+        prompts, responses = reference_responses(_load(reference, DataFormat.AUTO.value, None, False), limit)
+    else:
+        from bayesrm.shard import score_rows
+
+        checked = list(score_rows(reference, prompt_field, response_field))[:limit]
+        prompts, responses = [r[prompt_field] for r in checked], [r[response_field] for r in checked]
+    mean, std = fit_standardization(ensemble_dir, prompts, responses, source=f"{reference} ({len(responses)})",
+                                    batch_size=batch_size)
+    console.print(f"{ensemble_dir}: standardisation on {len(responses)} responses of {reference}: "
+                  f"mean {[round(float(m), 4) for m in mean]}, std {[round(float(s), 4) for s in std]}")
 
 
 @app.command("bon")
@@ -513,12 +452,13 @@ def explain_cmd(
     skip_invalid: SkipOpt = False,
 ) -> None:
     """BNRM factors: the top-k by Φ, each with the responses whose θ loads most on it (and their lengths)."""
-    from bayesrm.bnrm import explain_factors
+    from bayesrm.explain import explain_factors
     from bayesrm.io import atomic_write_json
     from bayesrm.model import RewardModel
 
     model = RewardModel.load(model_dir)
-    model.bnrm_head  # noqa: B018 - fail before loading data when the head is linear
+    if not model.head.has_moments:  # fail before loading data when the head is linear
+        raise ValueError(f"{model_dir}: factor explanations need a BNRM model (train with --head bnrm)")
     first = next(iter_rows(data), (0, {}))[1]
     if "response" in first and "chosen" not in first:
         rows = [r for _, r in iter_rows(data)][:limit]

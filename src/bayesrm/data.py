@@ -7,7 +7,6 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -449,8 +448,20 @@ def split_by_prompt(pairs: Sequence[Pair], fractions: Sequence[float] = (0.8, 0.
     return [[p for p in pairs if p.prompt in g] for g in groups]
 
 
-def shuffled(items: Sequence[Any], seed: int) -> list[Any]:
-    """A seeded permutation (used for data order)."""
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out
+def pair_hash(p: Pair) -> int:
+    """A 63-bit hash of one pair's (prompt, chosen, rejected) texts, stable across processes and runs."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in (p.prompt, p.chosen, p.rejected):
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00")
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def pairs_fingerprint(pairs: Sequence[Pair]) -> str:
+    """SHA-256 of the (prompt, chosen, rejected) texts in order: the identity of a training set."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for t in (p.prompt, p.chosen, p.rejected):
+            h.update(t.encode("utf-8"))
+            h.update(b"\x00")
+    return h.hexdigest()

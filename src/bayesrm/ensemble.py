@@ -4,11 +4,16 @@ Members differ in LoRA/head initialisation (`RMConfig.lora_seed`) and data order
 separately. `train_ensemble` trains them one after another into `out_dir/member_i/` (ordinary `train()` run
 directories) with a resumable `manifest.json`. `EnsembleRewardModel` loads ONE backbone with M peft adapters
 named `member_i` and M scalar heads, and scores all members on shared tokenisation and batches.
+
+BT rewards are defined only up to a shift and a scale per member, so aggregates across members (min, variance,
+LA-Ens sums) need each member standardised on a fixed reference set (overoptimisation note §8). The statistics
+are computed once (`fit_standardization`; `train_ensemble` does it on the training responses) and stored in the
+manifest; `EnsembleRewardModel.standardize` applies them, so every consumer (`Scorer`, hence `score`, `serve`,
+TRL, and the BoN experiment) gives the same numbers for the same spec.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -20,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesrm.data import Pair
+from bayesrm.batching import scoring_batches
+from bayesrm.data import Pair, pairs_fingerprint
+from bayesrm.heads import Head, LinearHead
 from bayesrm.io import atomic_write_json
-from bayesrm.laplace import POSTERIOR_DIR, LaplacePosterior
+from bayesrm.laplace import LaplacePosterior
 from bayesrm.model import (
     CONFIG_NAME,
     HEAD_NAME,
@@ -30,15 +37,15 @@ from bayesrm.model import (
     Pooling,
     RewardModel,
     RMConfig,
-    find_model_dir,
     is_encoder,
     load_backbone,
 )
-from bayesrm.templates import collate, encode, length_sorted_batches
-from bayesrm.train import MODEL_DIR, TrainConfig, train
+from bayesrm.objectives import reference_stats, standardize, standardize_var
+from bayesrm.run import MANIFEST_NAME, MODEL_DIR, RunDir, find_model_dir
+from bayesrm.train import TrainConfig, train
 
-MANIFEST_NAME = "manifest.json"
-SHARED_FIELDS = ("backbone", "gguf_file", "dtype", "template", "max_length", "pooling")  # must match across members
+SHARED_FIELDS = ("backbone", "gguf_file", "dtype", "template", "max_length", "pooling", "prompt_budget",
+                 "response_keep")  # must match across members
 
 
 class MemberStatus(str, Enum):
@@ -55,16 +62,6 @@ def member_name(i: int) -> str:
 
 
 # --------------------------------------------------------------------------- training
-
-
-def pairs_fingerprint(pairs: Sequence[Pair]) -> str:
-    """SHA-256 of the (prompt, chosen, rejected) texts, so a resumed ensemble trains on the same data."""
-    h = hashlib.sha256()
-    for p in pairs:
-        for s in (p.prompt, p.chosen, p.rejected):
-            h.update(s.encode("utf-8"))
-            h.update(b"\x00")
-    return h.hexdigest()
 
 
 def _seeds(given: Sequence[int] | None, start: int, members: int, what: str) -> list[int]:
@@ -101,6 +98,7 @@ def train_ensemble(
     resume: bool = True,
     show_progress: bool = True,
     log: Callable[[str], None] | None = None,
+    standardize_on_train: bool = True,
 ) -> list[Path]:
     """Train M members into `out_dir/member_i/` one after another; returns the member run directories.
 
@@ -108,6 +106,8 @@ def train_ensemble(
     seed, so a rerun reproduces the weights exactly). With `resume=True`, finished members are skipped, an
     interrupted one continues from its checkpoint, and a larger `members` grows the ensemble; a manifest from a
     different model/train config, data or seeds raises ValueError. The manifest is rewritten atomically.
+    Afterwards each member's standardisation statistics are fitted on (up to 1,000 of) the training responses,
+    unless `standardize_on_train=False` (the caller then calls `save_standardization` on its own reference set).
     """
     if members < 1:
         raise ValueError(f"members must be ≥ 1, got {members}")
@@ -152,7 +152,49 @@ def train_ensemble(
         entry["status"] = MemberStatus.DONE.value
         entry["final_metrics"] = history[-1] if history else {}
         atomic_write_json(path, manifest)
+    if standardize_on_train and STANDARDIZATION_KEY not in manifest:
+        prompts, responses = reference_responses(pairs)
+        fit_standardization(out, prompts, responses, source=f"training responses ({len(responses)})")
     return dirs
+
+
+STANDARDIZATION_KEY = "standardization"
+
+
+def reference_responses(pairs: Sequence[Pair], limit: int = 1000, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Distinct (prompt, response) of the pairs' chosen and rejected sides, a seeded sample of at most `limit`."""
+    import random
+
+    seen = dict.fromkeys((p.prompt, r) for p in pairs for r in (p.chosen, p.rejected))
+    items = list(seen)
+    if len(items) > limit:
+        items = random.Random(seed).sample(items, limit)
+    return [a for a, _ in items], [b for _, b in items]
+
+
+def save_standardization(ens_dir: str | Path, mean: Sequence[float], std: Sequence[float], source: str) -> None:
+    """Record per-member reference mean and std (ddof 0) in the ensemble's manifest (overopt. note §8)."""
+    path = RunDir.of(ens_dir).manifest
+    if not path.exists():
+        raise FileNotFoundError(f"{ens_dir}: no {MANIFEST_NAME}; standardisation is stored in an ensemble manifest")
+    if any(not (s > 0) for s in std):
+        raise ValueError(f"{ens_dir}: a member's reward has zero spread on the reference set ({source}); "
+                         "choose a reference set with distinct responses")
+    manifest = json.loads(path.read_text())
+    if len(mean) != len(manifest["entries"]) or len(std) != len(mean):
+        raise ValueError(f"{path}: {len(mean)} standardisation statistics for {len(manifest['entries'])} members")
+    manifest[STANDARDIZATION_KEY] = {"mean": [float(m) for m in mean], "std": [float(s) for s in std],
+                                     "source": source}
+    atomic_write_json(path, manifest)
+
+
+def fit_standardization(ens_dir: str | Path, prompts: Sequence[str], responses: Sequence[str], source: str,
+                        batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the reference responses with every member and store their per-member mean and std (ddof 0)."""
+    ens = EnsembleRewardModel.load(ens_dir)
+    mean, std = reference_stats(ens.score_members(prompts, responses, batch_size).double())  # (M,), (M,)
+    save_standardization(ens_dir, mean.tolist(), std.tolist(), source)
+    return mean, std
 
 
 # --------------------------------------------------------------------------- loading and scoring
@@ -198,15 +240,6 @@ def _posterior_for(post: LaplacePosterior, adapter: str) -> LaplacePosterior:
     return out
 
 
-def find_posterior(member_dir: str | Path) -> Path | None:
-    """A member's Laplace posterior: `member_i/laplace` (experiment) or `member_i/model/laplace` (CLI)."""
-    p = Path(member_dir)
-    for cand in (p / POSTERIOR_DIR, find_model_dir(p) / POSTERIOR_DIR):
-        if (cand / "posterior.json").exists():
-            return cand
-    return None
-
-
 class _MemberView(RewardModel):
     """Member `adapter` of an ensemble as a RewardModel sharing the ensemble's backbone (no copy)."""
 
@@ -248,6 +281,8 @@ class EnsembleRewardModel(nn.Module):
         self.heads = heads  # member_i → nn.Linear(d, 1)
         self.names = list(heads.keys())
         self.member_dirs = list(member_dirs)
+        self.ref_mean: torch.Tensor | None = None  # (M,) per-member standardisation (None: not fitted)
+        self.ref_std: torch.Tensor | None = None
         base = backbone.get_base_model()  # type: ignore[operator]
         self.encoder = is_encoder(base)
         inits = list(lora_inits) or [{} for _ in self.names]
@@ -280,6 +315,9 @@ class EnsembleRewardModel(nn.Module):
                 configs.append(RMConfig.from_dict(json.loads((md / CONFIG_NAME).read_text())))
             except (json.JSONDecodeError, ValueError, TypeError) as e:
                 raise ValueError(f"{md / CONFIG_NAME}: {e}") from None
+        if any(c.head != Head.LINEAR.value for c in configs):
+            raise ValueError(f"{source}: ensembles of '{configs[0].head}' heads are not supported (members share one "
+                             "backbone with linear BT heads); score BNRM members one at a time")
         for f in SHARED_FIELDS:
             vals = [getattr(c, f) for c in configs]
             if any(v != vals[0] for v in vals):
@@ -290,7 +328,7 @@ class EnsembleRewardModel(nn.Module):
         for name, md in zip(names[1:], model_dirs[1:], strict=True):
             peft.load_adapter(str(md), adapter_name=name)
         hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
-        heads = nn.ModuleDict({n: nn.Linear(hidden, 1) for n in names})
+        heads = nn.ModuleDict({n: LinearHead(hidden) for n in names})
         inits = []
         for name, md in zip(names, model_dirs, strict=True):
             heads[name].load_state_dict(load_file(str(md / HEAD_NAME)))
@@ -298,10 +336,26 @@ class EnsembleRewardModel(nn.Module):
             inits.append({_rename_adapter(k, name): v for k, v in raw.items()})
         heads.requires_grad_(False)
         model = cls(configs, peft, heads, tok, inits, dirs)
+        manifest = RunDir.of(source).manifest if isinstance(source, (str, Path)) else None
+        if manifest is not None and manifest.exists():
+            stats = json.loads(manifest.read_text()).get(STANDARDIZATION_KEY)
+            if stats is not None:
+                model.ref_mean = torch.tensor(stats["mean"], dtype=torch.double)
+                model.ref_std = torch.tensor(stats["std"], dtype=torch.double)
         model.eval()
         if device is not None:
             model.to(device)
         return model
+
+    def standardize(self, means: torch.Tensor, variances: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Members' rewards (M, N) as z-scores on the reference set, and variances scaled alike (note §8)."""
+        if self.ref_mean is None or self.ref_std is None:
+            src = self.member_dirs[0].parent if self.member_dirs else "this ensemble"
+            raise ValueError(f"{src}: no per-member standardisation statistics in its {MANIFEST_NAME}; ensemble "
+                             f"specs need them: run `bayesrm standardize {src} REFERENCE.jsonl`")
+        z = standardize(means.double(), self.ref_mean, self.ref_std)
+        return z, None if variances is None else standardize_var(variances.double(), self.ref_std)
 
     def member(self, i: int) -> RewardModel:
         """Member i as a RewardModel that shares this ensemble's weights; activates its adapter."""
@@ -311,8 +365,7 @@ class EnsembleRewardModel(nn.Module):
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids per (prompt, response), shared by all members."""
-        return encode(self.tokenizer, prompts, responses, template=self.config.template,
-                      max_length=self.config.max_length)
+        return self._views[0].encode(prompts, responses)  # the members share template and truncation
 
     @torch.no_grad()
     def score_members(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
@@ -322,9 +375,7 @@ class EnsembleRewardModel(nn.Module):
         self.eval()
         ids = self.encode(prompts, responses)
         out = torch.empty(len(self), len(ids))  # (M, N)
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)  # (B, T)
-            x, m = x.to(self.device), m.to(self.device)
+        for idx, x, m in scoring_batches(ids, batch_size, self.pad_id, self.device):  # (B, T)
             for j, view in enumerate(self._views):
                 out[j, idx] = view(x, m).float().cpu()
             if progress is not None:
@@ -336,10 +387,7 @@ class EnsembleRewardModel(nn.Module):
         """Each member's saved posterior (member_i/laplace or member_i/model/laplace)."""
         posts = []
         for d in self.member_dirs:
-            p = find_posterior(d)
-            if p is None:
-                raise FileNotFoundError(f"{d}: no Laplace posterior; fit one per member (`bayesrm laplace {d}`)")
-            posts.append(LaplacePosterior.load(p))
+            posts.append(LaplacePosterior.load(RunDir.of(d).require_posterior()))
         if len(posts) != len(self):
             raise ValueError("this ensemble was built without member directories; pass the posteriors")
         return posts

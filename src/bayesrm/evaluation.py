@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bayesrm.config import EvalConfig
 from bayesrm.data import Pair
 from bayesrm.metrics import (
     auroc,
@@ -61,25 +62,6 @@ REWARDBENCH_COUNTS: dict[str, int] = {
     "xstest-should-refuse": 250, "xstest-should-respond": 154, "donotanswer": 136, "hep-cpp": 164, "hep-go": 164,
     "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
 }  # math-prm is up-weighted by RewardBench (447 pairs counted as 984) to weigh as much as code
-
-
-@dataclass
-class EvalConfig:
-    """Settings of `bayesrm eval`."""
-
-    levels: tuple[float, ...] = (0.5, 0.9, 0.95)  # nominal levels of the central predictive intervals
-    n_bins: int = 10  # equal-width confidence bins on [0.5, 1] for ECE, MCE and the reliability diagram
-    n_boot: int = 1000  # bootstrap replicates (resampling prompts) for the confidence intervals
-    ci_level: float = 0.95  # level of those intervals
-    seed: int = 0  # bootstrap seed
-    batch_size: int = 16  # forward batch size
-
-    def __post_init__(self) -> None:
-        self.levels = tuple(float(x) for x in self.levels)
-        if not self.levels or any(not 0 < x < 1 for x in self.levels):
-            raise ValueError(f"coverage levels must lie in (0, 1), got {list(self.levels)}")
-        if self.n_bins < 1 or self.n_boot < 1 or not 0 < self.ci_level < 1:
-            raise ValueError("need n_bins ≥ 1, n_boot ≥ 1 and 0 < ci_level < 1")
 
 
 @dataclass
@@ -258,7 +240,8 @@ def add_section(report: dict[str, Any], key: str, title: str, rows: list[dict[st
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
-    """Flat headline numbers: {method}_{metric} for the scalar metrics, plus ood_* and rewardbench_score."""
+    """Flat headline numbers: {method}_{metric} for the scalar metrics, ood_*, rewardbench_score and one-row
+    sections' {section}_{column}."""
     out: dict[str, Any] = {}
     for m, row in report["methods"].items():
         for k in ("n", "accuracy", "nll", "brier", "ece", "mce", "error_auroc_sigma", "error_auroc_neg_abs_mu"):
@@ -272,6 +255,9 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         out[f"ood_{k}"] = v
     if report["rewardbench"]:
         out["rewardbench_score"] = report["rewardbench"]["score"]
+    for key, sec in report["sections"].items():  # one-row sections (e.g. prompt sensitivity) as key_column
+        if len(sec["rows"]) == 1:
+            out |= {f"{key}_{k}": v for k, v in sec["rows"][0].items() if isinstance(v, (int, float)) or v is None}
     return out
 
 
@@ -288,9 +274,11 @@ def _fmt(v: Any, ci: Any = None) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """A markdown table followed by a blank line."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
+    """A markdown table followed by a blank line (pipes inside cells escaped)."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows), ""]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -404,23 +392,23 @@ class PairPredictor:
     """
 
     def __init__(self, path: str | Path, batch_size: int = 16, device: str | None = None) -> None:
-        from bayesrm.bnrm import BNRMHead
-        from bayesrm.ensemble import MANIFEST_NAME, EnsembleRewardModel, find_posterior
+        from bayesrm.ensemble import EnsembleRewardModel
         from bayesrm.laplace import LaplacePosterior
         from bayesrm.model import RewardModel
+        from bayesrm.run import RunDir
 
-        p = Path(path)
+        run = RunDir.of(path)
         self.batch_size = batch_size
         self.posteriors: list[Any] = []
-        if (p / MANIFEST_NAME).exists() or any(p.glob("member_*")):
-            self.model: Any = EnsembleRewardModel.load(p, device=device)
-            found = [find_posterior(d) for d in self.model.member_dirs]
+        if run.manifest.exists() or (not run.has_model and any(run.root.glob("member_*"))):
+            self.model: Any = EnsembleRewardModel.load(path, device=device)
+            found = [RunDir.of(d).find_posterior() for d in self.model.member_dirs]
             self.kind = "la-ens" if all(found) else "ensemble"
             self.posteriors = self.model.load_posteriors() if self.kind == "la-ens" else []
         else:
-            self.model = RewardModel.load(p, device=device)
-            post = find_posterior(p)
-            if isinstance(self.model.head, BNRMHead):
+            self.model = RewardModel.load(run.model_dir, device=device)
+            post = run.find_posterior()
+            if getattr(self.model.head, "has_moments", False):
                 self.kind = "bnrm"
             elif post is not None:
                 self.kind = "laplace"
@@ -428,6 +416,11 @@ class PairPredictor:
                 self.posteriors[0].check_matches(self.model)
             else:
                 self.kind = "map"
+
+    def fitted_fraction(self, pairs: Sequence[Pair]) -> float | None:
+        """The largest share of `pairs` any posterior was fitted on (None when none records its pairs)."""
+        seen = [f for p in self.posteriors if (f := p.fitted_fraction(pairs)) is not None]
+        return max(seen) if seen else None
 
     def describe(self) -> str:
         """What the Bayesian predictive is, for the report."""
@@ -460,16 +453,28 @@ class PairPredictor:
         m, v = la_ens(*self.model.predict_member_pairs(self.posteriors, pairs, bs))  # (P,), (P,)
         return PairPredictions(m, v)
 
-    def response_sigma(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor | None:
-        """Predictive σ of each response's reward (None for `map`), as `bayesrm score` reports it."""
+    def responses(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean reward and predictive variance (None for `map`) per response, as `bayesrm score` reports them
+        (ensemble members standardised)."""
         from bayesrm.scoring import Scorer
 
-        spec = {"map": None, "laplace": "la:std:k=1", "bnrm": "vi:std:k=1", "ensemble": "ens:mean",
+        spec = {"map": "map", "laplace": "la:std:k=1", "bnrm": "vi:std:k=1", "ensemble": "ens:mean",
                 "la-ens": "la-ens:std:k=1"}[self.kind]
-        if spec is None:
-            return None
-        std = Scorer(self.model, spec, self.posteriors or None, self.batch_size).score(prompts, responses).std
-        return None if std is None else std.double()
+        s = Scorer(self.model, spec, self.posteriors or None, self.batch_size).score(prompts, responses)
+        return s.reward.double(), None if s.std is None else s.std.double().square()
+
+
+def prompt_sensitivity_section(predictor: PairPredictor, pairs: Sequence[Pair], report: dict[str, Any]) -> None:
+    """Issue 18's check that the model reads the prompt: chosen responses under their own vs a swapped prompt."""
+    from bayesrm.sensitivity import measure_prompt_sensitivity
+
+    if len({p.prompt for p in pairs}) < 2:
+        return
+    sens = measure_prompt_sensitivity(lambda ps, rs: predictor.responses(ps, rs), [p.prompt for p in pairs],
+                                      [p.chosen for p in pairs])
+    add_section(report, "prompt_sensitivity", "Prompt sensitivity (own vs a swapped prompt, chosen responses)",
+                [sens], "own_prompt_higher: P(r(x, y) > r(x', y)); ties: exact ties (a prompt-blind model ties "
+                "everywhere); sigma_auroc_swapped: AUROC of σ for the swapped inputs")
 
 
 ExtraSection = Callable[[PairPredictor, Sequence[Pair], dict[str, Any]], None]  # adds sections via add_section
@@ -477,7 +482,7 @@ ExtraSection = Callable[[PairPredictor, Sequence[Pair], dict[str, Any]], None]  
 
 def evaluate(path: str | Path, pairs: Sequence[Pair], cfg: EvalConfig, out: str | Path,
              ood_pairs: Sequence[Pair] = (), meta: dict[str, Any] | None = None, device: str | None = None,
-             extra: Sequence[ExtraSection] = ()) -> dict[str, Any]:
+             extra: Sequence[ExtraSection] = (prompt_sensitivity_section,)) -> dict[str, Any]:
     """Load `path`, predict `pairs` (and `ood_pairs`), build the report, run the `extra` section builders and
     write it all to `out`; returns the report."""
     predictor = PairPredictor(path, cfg.batch_size, device)
@@ -489,11 +494,12 @@ def evaluate(path: str | Path, pairs: Sequence[Pair], cfg: EvalConfig, out: str 
         rows += prediction_rows(ood_pairs, ood_pred, split="ood")
 
         def resp(ps: Sequence[Pair]) -> torch.Tensor | None:
-            return predictor.response_sigma([p.prompt for p in ps] * 2, [p.chosen for p in ps] +
-                                            [p.rejected for p in ps])
+            var = predictor.responses([p.prompt for p in ps] * 2, [p.chosen for p in ps] + [p.rejected for p in ps])[1]
+            return None if var is None else var.clamp_min(0).sqrt()
 
         ood = ood_metrics(pred, ood_pred, resp(pairs), resp(ood_pairs))
-    meta = {"model": str(path), "predictive": predictor.describe()} | (meta or {})
+    meta = {"model": str(path), "predictive": predictor.describe(),
+            "in_sample_fraction": predictor.fitted_fraction(pairs)} | (meta or {})
     report = build_report(pairs, pred, cfg, meta, ood)
     for fn in extra:
         fn(predictor, pairs, report)

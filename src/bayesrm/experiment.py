@@ -19,16 +19,17 @@ import torch
 
 from bayesrm.bon import BonCurve, bon_curve, default_ns
 from bayesrm.data import Pair, save_pairs, split_prompts
-from bayesrm.ensemble import train_ensemble
+from bayesrm.ensemble import save_standardization, train_ensemble
 from bayesrm.gold import RewardModelGold, label_pairs_from_gold
 from bayesrm.io import atomic_path, atomic_write_json, atomic_write_text
-from bayesrm.laplace import POSTERIOR_DIR, LaplaceConfig, LaplacePosterior, fit_laplace
+from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.objectives import parse_spec, reference_stats, standardize, standardize_var
 from bayesrm.pool import NULL_MODELS, Pool, alpaca_eval_pool, load_pool
 from bayesrm.progress import progress_bar
-from bayesrm.train import MODEL_DIR, TrainConfig, reward_deltas
+from bayesrm.run import RunDir
+from bayesrm.train import TrainConfig, reward_deltas
 
 
 @dataclass
@@ -152,17 +153,19 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     means, variances, member_info = [], [], []
     calib: dict[str, dict[str, float]] = {}
     member_dirs = train_ensemble(cfg.model, cfg.train, train_pairs, out / "proxy", members=cfg.members,
-                                 eval_pairs=val_pairs, log=log)  # resumable; seeds lora_seed + i, data_seed + i
+                                 eval_pairs=val_pairs, log=log, standardize_on_train=False)  # resumable
     for i, mdir in enumerate(member_dirs):
         model = RewardModel.load(mdir)
-        post_dir = mdir / MODEL_DIR / POSTERIOR_DIR  # next to the model, where `bayesrm laplace` puts it
-        if (post_dir / "posterior.json").exists():
-            post = LaplacePosterior.load(post_dir)
+        run = RunDir.of(mdir)
+        if run.find_posterior() is not None:
+            post = LaplacePosterior.load(run.require_posterior())
+            post.check_matches(model)
         else:
             log(f"member {i}: fitting Laplace-LoRA on {len(train_pairs)} pairs")
             with progress_bar("laplace fit (pairs)", len(train_pairs)) as advance:
-                post = fit_laplace(model, train_pairs, cfg.laplace, val_pairs=val_pairs, progress=advance)
-            post.save(post_dir)
+                post = fit_laplace(model, train_pairs, cfg.laplace.for_training(asdict(cfg.train)), val_pairs=val_pairs,
+                                   progress=advance)
+            post.save(run.posterior_dir)
         taus = sorted(post.tau.values())
         member_info.append({"member": i, "lora_seed": model.config.lora_seed,
                             "data_seed": model.config.extra.get("data_seed"),
@@ -182,8 +185,12 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     M = torch.as_tensor(np.stack(means))  # (members, N)
     V = torch.as_tensor(np.stack(variances))  # (members, N)
     # BT rewards are defined up to a shift (and each member has its own scale): ensemble specs see members
-    # standardised on the evaluation pool, the reference policy's samples, with σ scaled alike (note §8)
+    # standardised on the evaluation pool, the reference policy's samples, with σ scaled alike (note §8). The
+    # statistics go into the ensemble's manifest, so `score`/`serve`/TRL on out/proxy give these same numbers.
     ref_mean, ref_std = reference_stats(M)
+    if cfg.members > 1:
+        save_standardization(out / "proxy", ref_mean.tolist(), ref_std.tolist(),
+                             source=f"BoN evaluation pool ({M.shape[1]} reference-policy samples)")
     M_std, V_std = standardize(M, ref_mean, ref_std), standardize_var(V, ref_std)
     gold = eval_pool.gold
     assert gold is not None

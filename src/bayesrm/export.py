@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesrm.config import Pooling
 from bayesrm.io import atomic_dir
-from bayesrm.model import Pooling, RewardModel, resolve_backbone
+from bayesrm.model import RewardModel, resolve_backbone
 from bayesrm.templates import Template, render, special_wrap, truncate
 
 INPUT_FORMAT_KEY = "bayesrm_input_format"  # config.json field read back by RewardModel.load
@@ -54,8 +55,10 @@ def input_format(model: RewardModel) -> dict[str, Any]:
         "special_head": head,  # ids the tokenizer puts before the text ([CLS], BOS)
         "special_tail": tail,  # and after it ([SEP])
         "max_length": model.config.max_length,
-        "prompt_tokens": int(model.config.prompt_budget * budget),  # as templates.encode computes it
-        "keep_response_end": model.keeps_response_end,
+        "prompt_budget": model.config.prompt_budget,  # share of the text budget kept for the prompt's end
+        "prompt_tokens": int(model.config.prompt_budget * budget),  # that share in tokens (as templates.encode)
+        "keep_response_end": model.keeps_response_end,  # an over-long response keeps its end (else its start)
+        "response_keep": "end" if model.keeps_response_end else "start",
         "reward": "logits[:, 0]",
     }
 
@@ -239,7 +242,7 @@ def _readme(fmt: dict[str, Any], pad: int, backbone: str, adapter: bool = False)
         recipe = ("# chat template: build ids with bayesrm.templates.encode (pip install bayesrm), e.g.\n"
                   "# RewardModel.load(THIS_DIR).encode([prompt], [response])[0]\nids = ...\n")
     else:
-        recipe = f"""FMT = json.load(open(f"{{THIS_DIR}}/{FORMAT_FILE}"))
+        recipe = f"""FMT = json.loads(Path(THIS_DIR, "{FORMAT_FILE}").read_text())
 
 
 def input_ids(prompt: str, response: str) -> list[int]:
@@ -265,13 +268,15 @@ cut elsewhere, so build the ids like this (`{FORMAT_FILE}` holds the constants):
 
 ```python
 import json
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 {"from peft import PeftModel" if adapter else ""}
 tok = AutoTokenizer.from_pretrained(THIS_DIR)
 {load}
-{recipe}reward = model(input_ids=torch.tensor([ids])).logits[0, 0]  # pad a batch on the right with {pad}
+{recipe}with torch.no_grad():  # a batch: pad on the right with {pad} and pass attention_mask
+    reward = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
 ```
 
 `bayesrm score THIS_DIR …` and `bayesrm laplace THIS_DIR pairs.jsonl` (head-only posterior) load this folder too.

@@ -6,20 +6,14 @@ import random
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from bayesrm.data import Pair
-from bayesrm.model import CONFIG_NAME
 from bayesrm.pool import Pool
-
-
-class GoldScorer(Protocol):
-    """Anything that scores (prompt, response) pairs with a gold reward."""
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray: ...
+from bayesrm.run import RunDir
 
 
 class RewardModelGold:
@@ -30,7 +24,7 @@ class RewardModelGold:
         p = Path(name)
         self._bayesrm: Any = None
         self._hf: Any = None
-        if (p / CONFIG_NAME).exists() or (p / "model" / CONFIG_NAME).exists():
+        if RunDir.of(p).has_model:
             from bayesrm.model import RewardModel
 
             self._bayesrm = RewardModel.load(p)

@@ -5,8 +5,13 @@ The posterior over every LoRA tensor θ_m (each `lora_A` and `lora_B` weight) is
 precision P_m = G_m ⊗ A_m / T + τ_m I (a Kronecker factorisation of the BT GGN; see `kfac_factors`), stored
 as eigendecompositions, optionally rank-k on the large side. Rewards are predicted with the linearised model:
 r ~ N(r_MAP, J Σ Jᵀ), computed from one forward and one backward pass with hooks, never forming J.
-`subset="head"` is a last-layer baseline: the exact GGN over the scalar head's [w, b] with full covariance,
-stored as the single block 1 ⊗ GGN so that every formula below applies unchanged.
+`subset="head"` is a last-layer baseline: the exact GGN over the scalar head's weight w with full covariance,
+stored as the single block 1 ⊗ GGN so that every formula below applies unchanged (the head bias is frozen at 0:
+BT sees only differences, so it is not a parameter).
+
+The likelihood is the one the model was trained with: p = σ(Δ − m) with a margin m, and the reward-centering
+term c·(r_w + r_l)² adds its own curvature 2c·J_s J_sᵀ with J_s = J_w + J_l (`LaplaceConfig.margin`,
+`center_coef`; `bayesrm laplace RUN` reads both from the run's train_config.json).
 
 Spectral bookkeeping: each factor is kept as k eigenpairs plus a "complement" of the remaining d − k
 directions with one shared eigenvalue ρ (0, or the trace-preserving mean of the dropped eigenvalues). The
@@ -21,53 +26,22 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bayesrm.data import Pair
+from bayesrm.batching import pair_batches, scoring_batches
+from bayesrm.config import KFACVariant, LaplaceConfig, PriorStructure, Subset, TauMethod
+from bayesrm.data import Pair, pair_hash, pairs_fingerprint
 from bayesrm.io import atomic_dir
+from bayesrm.losses import bt_ggn_weight, pair_nll
 from bayesrm.model import RewardModel
-from bayesrm.templates import collate, length_sorted_batches
+from bayesrm.run import POSTERIOR_META, RunDir
 
-POSTERIOR_DIR = "laplace"
-HEAD_KEY = "head"  # block name of the head-only posterior over [head.weight, head.bias]
-
-
-class KFACVariant(str, Enum):
-    """How per-token curvature is collapsed into Kronecker factors (Eschenhagen et al. 2023)."""
-
-    PAIR = "pair"  # factorise each pair's exact J_Δ: G = Σ Λ J_Δ J_Δᵀ, A = Σ Λ J_Δᵀ J_Δ / Σ Λ‖J_Δ‖² (default)
-    REDUCE = "reduce"  # one row per response: ĝ = Σ_t g_t, ā = mean_t a_t
-    EXPAND = "expand"  # one row per token: G = Σ g gᵀ, A = mean over real tokens of a aᵀ
-
-
-class PriorStructure(str, Enum):
-    """Prior precision τ shared by all tensors or one per tensor."""
-
-    GLOBAL = "global"
-    LAYERWISE = "layerwise"
-
-
-class Subset(str, Enum):
-    """Which parameters the posterior covers."""
-
-    LORA = "lora"  # every LoRA A/B tensor, KFAC blocks (Laplace-LoRA)
-    HEAD = "head"  # the scalar head's [weight, bias] only, exact GGN, full covariance (last-layer Laplace)
-
-
-class TauMethod(str, Enum):
-    """How the prior precision is chosen."""
-
-    MARGLIK = "marglik"  # maximise the Laplace log marginal likelihood (exact 1-D optimisation per τ)
-    MACKAY = "mackay"  # MacKay's fixed point τ = γ / ‖θ* − μ0‖²
-    VAL_NLL = "val_nll"  # grid over log τ minimising validation NLL of the probit predictive
-    FIXED = "fixed"  # keep the given value
+HEAD_KEY = "head"  # block name of the head-only posterior over head.weight
 
 
 # --------------------------------------------------------------------------- pure maths
@@ -208,29 +182,26 @@ def _batch_jacobians(model: RewardModel, modules: dict[str, nn.Linear], x: torch
 
 
 def head_features(model: RewardModel, x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards (B,) and the head's exact Jacobian φ = [features, 1] (B, d+1), since r = wᵀf + b (§7)."""
+    """Rewards (B,) and the head's exact Jacobian φ = f (B, d) w.r.t. w, since r = wᵀf + b with b frozen (§7)."""
     head = _require_linear_head(model)
     with torch.no_grad():
         f = _up(model.features(x, m))  # (B, d)
         r = _up(head(f.to(head.weight.dtype))).squeeze(-1)  # (B,)
-    return r, torch.cat([f, torch.ones_like(f[:, :1])], dim=-1)
+    return r, f
 
 
 def head_theta(model: RewardModel) -> torch.Tensor:
-    """The head's parameters as one (1, d+1) row [w, b], the variable of the head-only posterior (r = [w, b]·φ)."""
-    head = _require_linear_head(model)
-    return torch.cat([head.weight, head.bias.unsqueeze(-1)], dim=-1).detach()
+    """The head's weight as one (1, d) row, the variable of the head-only posterior (r = w·φ + b, b frozen)."""
+    return _require_linear_head(model).weight.detach()
 
 
-def _pair_batches(model: RewardModel, pairs: Sequence[Pair], batch_size: int
-                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(B, input_ids, mask) per chunk of B pairs: rows 0..B−1 chosen, B..2B−1 rejected, on the model's device."""
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        prompts = [p.prompt for p in chunk]
-        ids = model.encode(prompts, [p.chosen for p in chunk]) + model.encode(prompts, [p.rejected for p in chunk])
-        x, m = collate(ids, model.pad_id)  # (2B, T)
-        yield len(chunk), x.to(model.device), m.to(model.device)
+def head_prior_mean(model: RewardModel, cfg: LaplaceConfig) -> torch.Tensor:
+    """Prior mean of the head weight: its initialisation under prior_mean='init' (as for LoRA A), else 0 (§5)."""
+    init = getattr(model, "head_init", None)
+    theta = head_theta(model)
+    if cfg.prior_mean == "init" and init is not None:
+        return init.detach().double().cpu().reshape(theta.shape)
+    return torch.zeros_like(theta, dtype=torch.double, device="cpu")
 
 
 # --------------------------------------------------------------------------- posterior
@@ -260,23 +231,6 @@ class KronBlock:
         return spectrum_grid(self.g_vals, o, self.g_rho, self.a_vals, i, self.a_rho)
 
 
-@dataclass
-class LaplaceConfig:
-    """Settings of the post-hoc Laplace fit."""
-
-    subset: str = Subset.LORA.value  # lora (KFAC over LoRA tensors) | head (exact GGN over the head, baseline)
-    kfac: str = KFACVariant.PAIR.value  # pair | reduce | expand (pair keeps the w/l cross term; see kfac_factors)
-    rank: int | None = None  # keep this many eigenpairs of factors larger than `lowrank_threshold`
-    lowrank_threshold: int = 2048  # factor side from which `rank` applies (hidden ≥ 2048)
-    trace_complement: bool = True  # give dropped directions the mean dropped eigenvalue instead of 0
-    prior_structure: str = PriorStructure.LAYERWISE.value  # global | layerwise
-    tau_method: str = TauMethod.MARGLIK.value  # marglik | mackay | val_nll | fixed
-    prior_precision: float = 1.0  # initial / fixed τ
-    prior_mean: str = "init"  # "init": A at its LoRA initialisation, B at 0 (laplace-lora.md §5); "zero"
-    temperature: float = 1.0  # T in P = GGN/T + τ
-    batch_size: int = 8  # pairs per fit batch
-
-
 class LaplacePosterior:
     """Kronecker-factored Laplace posterior over a reward model's LoRA weights (or its head: `cfg.subset`)."""
 
@@ -287,6 +241,20 @@ class LaplacePosterior:
         self.log_lik = log_lik
         self.tau: dict[str, float] = {k: cfg.prior_precision for k in blocks}
         self._grids = {k: b.grid() for k, b in blocks.items()}
+        self.fitted_pairs: torch.Tensor | None = None  # (n_data,) int64 `pair_hash` of each pair it was fitted on
+        self.data_fingerprint: str | None = None  # `pairs_fingerprint` of those pairs
+
+    def record_data(self, pairs: Sequence[Pair]) -> None:
+        """Remember which pairs the posterior was fitted on (hashes), so evaluation can refuse to be in-sample."""
+        self.fitted_pairs = torch.tensor([pair_hash(p) for p in pairs], dtype=torch.int64)
+        self.data_fingerprint = pairs_fingerprint(pairs)
+
+    def fitted_fraction(self, pairs: Sequence[Pair]) -> float | None:
+        """Fraction of `pairs` that the posterior was fitted on (None when it did not record them)."""
+        if self.fitted_pairs is None or not pairs:
+            return None
+        seen = set(self.fitted_pairs.tolist())
+        return sum(pair_hash(p) in seen for p in pairs) / len(pairs)
 
     # ------------------------------------------------------------------ evidence
     def scatter(self) -> dict[str, float]:
@@ -403,9 +371,8 @@ class LaplacePosterior:
         """`predict` on already tokenised inputs (e.g. shared by the members of an ensemble)."""
         model.eval()
         mean, var = torch.empty(len(ids), dtype=torch.double), torch.empty(len(ids), dtype=torch.double)
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], model.pad_id)
-            r, J = self.jacobians(model, x.to(model.device), m.to(model.device))
+        for idx, x, m in scoring_batches(ids, batch_size, model.pad_id, model.device):
+            r, J = self.jacobians(model, x, m)
             v, _ = self._variance_from(J, None)
             mean[idx], var[idx] = r.double().cpu(), v.double().cpu()
             if progress is not None:
@@ -418,7 +385,7 @@ class LaplacePosterior:
         model.eval()
         mus: list[torch.Tensor] = []
         Ss: dict[str, list[torch.Tensor]] = {k: [] for k in self.blocks}
-        for B, x, m in _pair_batches(model, pairs, batch_size):
+        for B, x, m in pair_batches(model, pairs, batch_size):
             r, J = self.jacobians(model, x, m)
             rows = torch.stack([torch.arange(B), torch.arange(B, 2 * B)])
             _, S = self._variance_from(J, rows)
@@ -441,14 +408,17 @@ class LaplacePosterior:
 
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"config": asdict(self.cfg), "n_data": self.n_data, "log_lik": self.log_lik,
-                                "tau": self.tau, "blocks": {}, "format_version": 1}
+                                "tau": self.tau, "blocks": {}, "format_version": 2,
+                                "data_fingerprint": self.data_fingerprint}
+        if self.fitted_pairs is not None:
+            tensors["fitted_pairs"] = self.fitted_pairs.contiguous()
         for i, (k, b) in enumerate(self.blocks.items()):
             for f in ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0"):
                 tensors[f"{i}.{f}"] = getattr(b, f).contiguous()
             meta["blocks"][k] = {"index": i, "g_rho": b.g_rho, "a_rho": b.a_rho}
         with atomic_dir(path) as tmp:
             save_file(tensors, str(tmp / "posterior.safetensors"))
-            (tmp / "posterior.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / POSTERIOR_META).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LaplacePosterior:
@@ -456,11 +426,11 @@ class LaplacePosterior:
         from safetensors.torch import load_file
 
         p = Path(path)
-        if not (p / "posterior.json").exists() and (p / POSTERIOR_DIR / "posterior.json").exists():
-            p = p / POSTERIOR_DIR
-        if not (p / "posterior.json").exists():
-            raise FileNotFoundError(f"{p}: no Laplace posterior (posterior.json) here; run `bayesrm laplace` first")
-        meta = json.loads((p / "posterior.json").read_text())
+        if not (p / POSTERIOR_META).exists():  # a run or model directory: its posterior
+            p = RunDir.of(p).find_posterior() or p
+        if not (p / POSTERIOR_META).exists():
+            raise FileNotFoundError(f"{p}: no Laplace posterior ({POSTERIOR_META}) here; run `bayesrm laplace` first")
+        meta = json.loads((p / POSTERIOR_META).read_text())
         t = load_file(str(p / "posterior.safetensors"))
         blocks = {}
         for k, info in meta["blocks"].items():
@@ -469,6 +439,8 @@ class LaplacePosterior:
                                   t[f"{i}.a_vecs"], info["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
         post = cls(blocks, LaplaceConfig(**meta["config"]), meta["n_data"], meta["log_lik"])
         post.tau = {k: float(v) for k, v in meta["tau"].items()}
+        post.fitted_pairs = t.get("fitted_pairs")
+        post.data_fingerprint = meta.get("data_fingerprint")
         return post
 
     def check_matches(self, model: RewardModel, atol: float = 1e-6) -> None:
@@ -477,6 +449,9 @@ class LaplacePosterior:
         for k, b in self.blocks.items():
             if k not in params:
                 raise ValueError(f"posterior tensor {k} not found in the model")
+            if tuple(params[k].shape) != tuple(b.theta.shape):
+                raise ValueError(f"posterior tensor {k} has shape {tuple(b.theta.shape)}, the model's "
+                                 f"{tuple(params[k].shape)}; refit the posterior (`bayesrm laplace`)")
             if not torch.allclose(params[k].double().cpu(), b.theta.double(), atol=atol):
                 raise ValueError(f"model weights differ from the posterior's MAP at {k}; refit the posterior")
 
@@ -493,39 +468,44 @@ def _require_linear_head(model: RewardModel) -> nn.Linear:
 
 
 def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant | str = KFACVariant.PAIR,
-                 batch_size: int = 8, progress: Callable[[int], None] | None = None
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+                 batch_size: int = 8, progress: Callable[[int], None] | None = None, margin: float = 0.0,
+                 center_coef: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """KFAC factors G_m, A_m with G ⊗ A ≈ the exact BT GGN block Σ_n Λ_n vec(J_Δ)vec(J_Δ)ᵀ (§3), and log p(D|θ*).
 
-    One backward of Σ_n stopgrad(√Λ_n)·Δ_n per batch makes the hooks see g = √Λ_n · c_s · δ (c_w = +1,
-    c_l = −1); Λ goes into G only, except for PAIR. PAIR: with J̃_n = √Λ_n J_Δ,n = Σ_{s,t} g aᵀ (o × i),
-    G = Σ_n J̃ J̃ᵀ and A = Σ_n J̃ᵀ J̃ / Σ_n ‖J̃‖², the first power-iteration step towards the Frobenius-optimal
-    Kronecker factorisation (Shampoo's factors; Morwani et al. 2024): tr(G ⊗ A) is exact, it is exact when
-    every J_Δ is rank one (LoRA r = 1), and unlike the per-response variants it keeps the −J_wᵀJ_l cross
-    term, which a shared prompt makes large. REDUCE: G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with ĝ = Σ_t g_t,
-    ā = mean over real tokens of a_t. EXPAND: G = Σ_{n,s,t} g gᵀ, A = (1/M) Σ a aᵀ over M real tokens.
+    Λ_n = `bt_ggn_weight`(Δ_n, m). PAIR: with J̃_n = √Λ_n J_Δ,n = Σ_{s,t} g aᵀ (o × i), G = Σ_n J̃ J̃ᵀ and
+    A = Σ_n J̃ᵀ J̃ / Σ_n ‖J̃‖², the first power-iteration step towards the Frobenius-optimal Kronecker
+    factorisation (Shampoo's factors; Morwani et al. 2024): tr(G ⊗ A) is exact, it is exact when every J_Δ is
+    rank one (LoRA r = 1), and unlike the per-response variants it keeps the −J_wᵀJ_l cross term, which a shared
+    prompt makes large; with centering, the rows √(2c)·(J_w + J_l) join the J̃. REDUCE (one backward of
+    Σ_n stopgrad(√Λ_n)·Δ_n, so hooks see g = √Λ_n · c_s · δ): G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with
+    ĝ = Σ_t g_t, ā = mean over real tokens of a_t. EXPAND: G = Σ_{n,s,t} g gᵀ, A = (1/M) Σ a aᵀ over M real tokens.
     """
     var = KFACVariant(variant)
+    if center_coef and var is not KFACVariant.PAIR:
+        raise ValueError(f"the centering curvature needs kfac='pair', got {var.value!r}")
     modules = lora_modules(model)
     model.eval()
     G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double) for k, m in modules.items()}
     A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double) for k, m in modules.items()}
     norm = dict.fromkeys(modules, 0.0)  # what A is divided by: rows, tokens, or Σ ‖J̃‖² (PAIR)
     log_lik = 0.0
-    for B, x, m in _pair_batches(model, pairs, batch_size):
+    for B, x, m in pair_batches(model, pairs, batch_size):
 
         def weights(r: torch.Tensor, B: int = B) -> torch.Tensor:
-            delta = r[:B] - r[B:]
-            lam = torch.sigmoid(delta) * torch.sigmoid(-delta)  # Λ = p(1−p)
+            lam = bt_ggn_weight(r[:B] - r[B:], margin)
             return torch.cat([lam.sqrt(), -lam.sqrt()])
 
-        r, a, g = _batch_jacobians(model, modules, x, m, weights)
-        log_lik += float(F.logsigmoid(r[:B] - r[B:]).double().sum())
+        r, a, g = _batch_jacobians(model, modules, x, m, None if var is KFACVariant.PAIR else weights)
+        log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         mask = m.double()  # (2B, T)
+        if var is KFACVariant.PAIR:
+            lam = bt_ggn_weight(r[:B] - r[B:], margin).double().sqrt()[:, None, None]  # (B, 1, 1)
         for k in modules:
             if var is KFACVariant.PAIR:
-                J = torch.einsum("bto,bti->boi", g[k], a[k]).double()  # (2B, o, i), row l already signed
-                J = J[:B] + J[B:]  # J̃ = √Λ (J_w − J_l)
+                Jr = torch.einsum("bto,bti->boi", g[k], a[k]).double()  # (2B, o, i) per-response Jacobians
+                J = lam.to(Jr.device) * (Jr[:B] - Jr[B:])  # J̃ = √Λ (J_w − J_l)
+                if center_coef:
+                    J = torch.cat([J, math.sqrt(2.0 * center_coef) * (Jr[:B] + Jr[B:])])  # √(2c) J_s
                 G[k] += torch.einsum("boi,bpi->op", J, J).cpu()
                 A[k] += torch.einsum("boi,boj->ij", J, J).cpu()
                 norm[k] += float(J.square().sum())
@@ -549,19 +529,22 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
 
 
 def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
-             progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, float]:
-    """Exact BT GGN of the head, Σ_n Λ_n (φ_w − φ_l)(φ_w − φ_l)ᵀ with φ = [f, 1] (§2), and log p(D|θ*)."""
+             progress: Callable[[int], None] | None = None, margin: float = 0.0, center_coef: float = 0.0
+             ) -> tuple[torch.Tensor, float]:
+    """Exact BT GGN of the head weight Σ_n Λ_n Δφ Δφᵀ + 2c Σ_n (φ_w + φ_l)(φ_w + φ_l)ᵀ, φ = f (§2); log p(D|θ*)."""
     model.eval()
     ggn: torch.Tensor | None = None
     log_lik = 0.0
-    for B, x, m in _pair_batches(model, pairs, batch_size):
-        r, phi = head_features(model, x, m)  # (2B,), (2B, d+1)
-        delta = r[:B] - r[B:]
-        lam = (torch.sigmoid(delta) * torch.sigmoid(-delta)).double()  # Λ = p(1−p)
-        dphi = (phi[:B] - phi[B:]).double()  # (B, d+1); the bias cancels
-        part = (dphi.T * lam) @ dphi  # (d+1, d+1)
+    for B, x, m in pair_batches(model, pairs, batch_size):
+        r, phi = head_features(model, x, m)  # (2B,), (2B, d)
+        lam = bt_ggn_weight(r[:B] - r[B:], margin).double()  # (B,)
+        dphi = (phi[:B] - phi[B:]).double()  # (B, d)
+        part = (dphi.T * lam) @ dphi  # (d, d)
+        if center_coef:
+            sphi = (phi[:B] + phi[B:]).double()
+            part = part + 2.0 * center_coef * sphi.T @ sphi
         ggn = part.cpu() if ggn is None else ggn + part.cpu()
-        log_lik += float(F.logsigmoid(delta).double().sum())
+        log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         if progress is not None:
             progress(B)
     assert ggn is not None
@@ -574,23 +557,23 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
     """Fit the Laplace posterior P = GGN/T + τI (§5) at the model's current (MAP) weights and tune τ (§6).
 
     `cfg.subset="lora"`: KFAC blocks over every LoRA tensor (`kfac_factors`). `"head"`: the exact GGN over the
-    scalar head's [w, b] (`head_ggn`), full (d+1)² covariance, prior mean 0. `init_lora` gives the LoRA
-    weights at initialisation (prior mean of A under prior_mean='init'); by default the model's saved initial
-    adapter is used when it has one, else 0.
+    scalar head's weight (`head_ggn`), full d² covariance, prior mean at the head's initialisation. `init_lora`
+    gives the LoRA weights at initialisation (prior mean of A under prior_mean='init'); by default the model's
+    saved initial adapter is used when it has one, else 0.
     """
     cfg = cfg or LaplaceConfig()
     _require_linear_head(model)
     if not pairs:
         raise ValueError("fit_laplace needs at least one training pair")
-    if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN; prior mean 0
-        ggn, log_lik = head_ggn(model, pairs, cfg.batch_size, progress)
+    if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN
+        ggn, log_lik = head_ggn(model, pairs, cfg.batch_size, progress, cfg.margin, cfg.center_coef)
         av, aU, _ = factor_eig(ggn)
-        theta = head_theta(model).double().cpu()  # (1, d+1)
+        theta = head_theta(model).double().cpu()  # (1, d)
         one = torch.ones(1, dtype=torch.double)
         blocks = {HEAD_KEY: KronBlock(one, torch.ones(1, 1, dtype=torch.double), 0.0, av, aU, 0.0, theta,
-                                      torch.zeros_like(theta))}
-        return _tune(LaplacePosterior(blocks, cfg, len(pairs), log_lik), model, val_pairs)
-    G, A, log_lik = kfac_factors(model, pairs, cfg.kfac, cfg.batch_size, progress)
+                                      head_prior_mean(model, cfg))}
+        return _tune(_posterior(blocks, cfg, pairs, log_lik), model, val_pairs)
+    G, A, log_lik = kfac_factors(model, pairs, cfg.kfac, cfg.batch_size, progress, cfg.margin, cfg.center_coef)
     params = dict(model.named_parameters())
     init = init_lora if init_lora is not None else getattr(model, "lora_init", None) or {}
     blocks = {}
@@ -605,7 +588,14 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
         else:
             mu0 = torch.zeros_like(theta)
         blocks[k] = KronBlock(gv, gU, grho, av, aU, arho, theta, mu0)
-    return _tune(LaplacePosterior(blocks, cfg, len(pairs), log_lik), model, val_pairs)
+    return _tune(_posterior(blocks, cfg, pairs, log_lik), model, val_pairs)
+
+
+def _posterior(blocks: dict[str, KronBlock], cfg: LaplaceConfig, pairs: Sequence[Pair], log_lik: float
+               ) -> LaplacePosterior:
+    post = LaplacePosterior(blocks, cfg, len(pairs), log_lik)
+    post.record_data(pairs)
+    return post
 
 
 def _tune(post: LaplacePosterior, model: RewardModel, val_pairs: Sequence[Pair]) -> LaplacePosterior:

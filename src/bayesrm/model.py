@@ -5,81 +5,24 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from bayesrm.bnrm import BNRMConfig, BNRMHead, pair_covariance
+from bayesrm.batching import scoring_batches
+from bayesrm.config import EMBEDDED_BACKBONE, Pooling, RMConfig
+from bayesrm.heads import LinearHead, build_head
 from bayesrm.io import atomic_dir
-from bayesrm.templates import Template, collate, encode, length_sorted_batches
+from bayesrm.run import CONFIG_NAME, find_model_dir, is_seq_cls_dir
+from bayesrm.templates import ResponseKeep, Template, encode
 
-EMBEDDED_BACKBONE = "all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
                  "albert", "modernbert", "camembert"}
-CONFIG_NAME = "bayesrm.json"
 HEAD_NAME = "head.safetensors"
 INIT_NAME = "lora_init.safetensors"
-
-
-class Pooling(str, Enum):
-    """Which hidden state the scalar head reads."""
-
-    AUTO = "auto"  # LAST for decoders, FIRST for encoders
-    LAST = "last"  # last non-pad token (decoders)
-    FIRST = "first"  # first token, e.g. [CLS] (encoders)
-    MEAN = "mean"  # mean over non-pad tokens
-
-
-class Head(str, Enum):
-    """What turns the reward-token features into a reward."""
-
-    LINEAR = "linear"  # nn.Linear(d, 1): the BT scalar head
-    BNRM = "bnrm"  # Bayesian non-negative factor head (bayesrm.bnrm), with predictive moments
-
-
-_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False,
-               "seq_cls": False}  # added after format_version 1
-
-
-@dataclass
-class RMConfig:
-    """Everything needed to rebuild a reward model and format its inputs."""
-
-    backbone: str = EMBEDDED_BACKBONE  # hub id, local path, or the embedded all-MiniLM-L6-v2
-    template: str = Template.OASST.value  # prompt template (oasst | chat | plain)
-    max_length: int = 500  # tokens; truncation keeps the end of the response
-    pooling: str = Pooling.AUTO.value  # where the reward is read
-    lora_r: int = 8  # paper: r=8
-    lora_alpha: int = 16  # paper: α=16
-    lora_dropout: float = 0.0  # paper: 0
-    target_modules: list[str] | None = None  # None: peft's default for the architecture
-    lora_seed: int = 0  # seeds LoRA A init and the head init
-    gguf_file: str | None = None  # load a GGUF checkpoint inside `backbone` (a folder or hub repo)
-    dtype: str = "float32"  # backbone weights dtype (float32 | bfloat16 | float16)
-    disable_dropout: bool = True  # zero the backbone's dropout (as TRL's RewardConfig does); LoRA dropout is separate
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (data, seeds, …)
-    head: str = Head.LINEAR.value  # linear | bnrm
-    bnrm: dict[str, Any] | None = None  # BNRMConfig fields for head="bnrm" (None: its defaults)
-    freeze_backbone: bool = False  # train the head only: the LoRA adapter stays at its no-op init (B = 0)
-    seq_cls: bool = False  # `backbone` is a transformers *ForSequenceClassification reward model used as is: no
-    #                        LoRA, its final one-output linear layer is the head (scoring and head-only Laplace)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
-        return {k: v for k, v in asdict(self).items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"format_version"}
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def resolve_backbone(name: str) -> str:
@@ -118,12 +61,6 @@ def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
     if cfg.seq_cls and base.config.pad_token_id is None:  # transformers refuses padded batches without it
         base.config.pad_token_id = tok.pad_token_id
     return base, tok
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """The model directory of a run directory (`run/model`), or `path` itself when it holds a model."""
-    p = Path(path)
-    return p / "model" if not (p / CONFIG_NAME).exists() and (p / "model" / CONFIG_NAME).exists() else p
 
 
 def is_encoder(base: nn.Module) -> bool:
@@ -173,11 +110,10 @@ class RewardModel(nn.Module):
         self.pooling = (Pooling.FIRST if self.encoder else Pooling.LAST) if pooling is Pooling.AUTO else pooling
         self.lora_init: dict[str, torch.Tensor] = {}
         self.backbone: Any  # the peft model (or, with seq_cls, the transformers sequence classifier)
-        self.head: nn.Linear | BNRMHead
-        if config.seq_cls:
+        if config.seq_cls:  # the classifier's final layer becomes a tap; its weights become our linear head
             self.backbone = base.requires_grad_(False)
-            self.head = seq_cls_head(base)
-            self.head.requires_grad_(True)
+            self.head: Any = tap_seq_cls_head(base)
+            self.head_init: torch.Tensor | None = None  # no initialisation known: a zero-mean head prior
             return
         if config.target_modules is None:
             config.target_modules = default_target_modules(base)
@@ -189,32 +125,24 @@ class RewardModel(nn.Module):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self.backbone = get_peft_model(base, lora)
             hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
-            if Head(config.head) is Head.BNRM:
-                bnrm = BNRMConfig.from_dict(config.bnrm or {})
-                config.bnrm = asdict(bnrm)  # saved in full
-                self.head = BNRMHead(hidden, bnrm)
-            else:
-                self.head = nn.Linear(hidden, 1)
-                nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
-                nn.init.zeros_(self.head.bias)
-                self.head.bias.requires_grad_(False)  # BT sees only differences: the bias has no gradient signal
+            self.head = build_head(config.head, hidden, config.bnrm)  # the `heads` interface
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
         # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
         self.lora_init = {
             n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
+        # the head's initial weight (drawn from lora_seed, so a loaded model redraws the same): the prior mean of
+        # a head-only Laplace posterior
+        w = getattr(self.head, "weight", None)
+        self.head_init = w.detach().clone() if isinstance(w, torch.Tensor) else None
 
     # ------------------------------------------------------------------ forward / scoring
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled hidden state at the reward token, (B, d), at least float32 (`seq_cls`: the head's input)."""
         if self.config.seq_cls:
-            seen: list[torch.Tensor] = []
-            handle = self.head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0]))
-            try:
-                self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-            finally:
-                handle.remove()
-            h = seen[-1]  # (B, T, d) for decoders' `score`, already pooled (B, d) for encoders' heads
+            tap = _tap_of(self.backbone)
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            h = tap.take()  # (B, T, d) for decoders' `score`, already pooled (B, d) for encoders' heads
         else:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
             h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, d)
@@ -222,30 +150,21 @@ class RewardModel(nn.Module):
         return pooled.to(torch.promote_types(pooled.dtype, torch.float32))  # upcast bf16/fp16; keep fp64
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,); a BNRM head samples in training mode and uses posterior means in eval mode."""
-        if isinstance(self.head, BNRMHead):
-            return self.reward(input_ids, attention_mask, "sample" if self.training else "mean")
-        return self.head(self.features(input_ids, attention_mask)).squeeze(-1)
+        """Rewards (B,); a stochastic head (BNRM) samples in training mode and uses its means in eval mode."""
+        return self.reward(input_ids, attention_mask, "sample" if self.training else "mean")
 
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        """Rewards (B,) with an explicit BNRM mode: mean (posterior means) | sample (one Weibull draw)."""
-        f = self.features(input_ids, attention_mask)  # (B, d)
-        return self.head(f, mode) if isinstance(self.head, BNRMHead) else self.head(f).squeeze(-1)
+        """Rewards (B,) with an explicit head mode: mean | sample (one draw of a stochastic head)."""
+        out: torch.Tensor = self.head(self.features(input_ids, attention_mask), mode)  # (B,)
+        return out
 
     def regularizer(self, n_data: int) -> torch.Tensor | None:
         """Per-pair term the training loss adds after a forward over 2B responses: η·KL for BNRM, None for linear.
 
         `n_data` is the number of training pairs (BNRMConfig.kl_phi_scale="dataset" divides KL_Φ by it).
         """
-        return self.head.kl_loss(n_data) if isinstance(self.head, BNRMHead) else None
-
-    @property
-    def bnrm_head(self) -> BNRMHead:
-        """The BNRM head; ValueError for a linear head."""
-        if not isinstance(self.head, BNRMHead):
-            raise ValueError("this model has a linear BT head: predictive moments need head='bnrm'; for a BT model "
-                             "fit a Laplace posterior (`bayesrm laplace`) and use LaplacePosterior.predict")
-        return self.head
+        out: torch.Tensor | None = self.head.regularizer(n_data)
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -255,38 +174,35 @@ class RewardModel(nn.Module):
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    @property
+    def keeps_response_end(self) -> bool:
+        """Whether truncation keeps the end of an over-long response (`response_keep`, auto: decoders do)."""
+        keep = ResponseKeep(self.config.response_keep)
+        return self.pooling is Pooling.LAST if keep is ResponseKeep.AUTO else keep is ResponseKeep.END
+
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids per (prompt, response) with this model's template and max length."""
         return encode(self.tokenizer, prompts, responses, template=self.config.template,
-                      max_length=self.config.max_length)
+                      max_length=self.config.max_length, prompt_budget=self.config.prompt_budget,
+                      keep_end=self.keeps_response_end)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
               progress: Any = None) -> torch.Tensor:
         """MAP rewards (N,) in input order, batched by similar length; eval mode."""
-        was_training = self.training
-        self.eval()
-        ids = self.encode(prompts, responses)
-        out = torch.empty(len(ids))
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)
-            out[idx] = self(x.to(self.device), m.to(self.device)).float().cpu()
-            if progress is not None:
-                progress(len(idx))
-        self.train(was_training)
-        return out
+        r = self.per_response(prompts, responses, lambda f: self.head(f, "mean").unsqueeze(-1), batch_size, progress)
+        return r[:, 0].float() if r.numel() else torch.empty(0)
 
     @torch.no_grad()
-    def _per_response(self, prompts: Sequence[str], responses: Sequence[str], fn: Any, batch_size: int,
-                      progress: Any = None) -> torch.Tensor:
+    def per_response(self, prompts: Sequence[str], responses: Sequence[str], fn: Any, batch_size: int = 32,
+                     progress: Any = None) -> torch.Tensor:
         """fn(features (B, d)) → (B, m) over all responses in eval mode, (N, m) float64 in input order."""
         was_training = self.training
         self.eval()
         ids = self.encode(prompts, responses)
         out: torch.Tensor | None = None
-        for idx in length_sorted_batches([len(s) for s in ids], batch_size):
-            x, m = collate([ids[i] for i in idx], self.pad_id)
-            y = fn(self.features(x.to(self.device), m.to(self.device))).double().cpu()  # (B, m)
+        for idx, x, m in scoring_batches(ids, batch_size, self.pad_id, self.device):
+            y = fn(self.features(x, m)).double().cpu()  # (B, m)
             out = torch.empty(len(ids), y.shape[1], dtype=torch.double) if out is None else out
             out[idx] = y
             if progress is not None:
@@ -296,32 +212,25 @@ class RewardModel(nn.Module):
 
     def predict_moments(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
                         progress: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """BNRM predictive mean and variance of r under q(θ)q(Φ), (N,) and (N,) float64 (bnrm_reward_moments)."""
-        head = self.bnrm_head
-        mv = self._per_response(prompts, responses, lambda f: torch.stack(head.moments(f), -1), batch_size,
-                                progress)  # (N, 2)
+        """The head's predictive mean and variance of r (BNRM: under q(θ)q(Φ)), (N,) and (N,) float64."""
+        head = self.head
+        if not head.has_moments:
+            head.moments(None)  # raises, naming what to do instead
+        mv = self.per_response(prompts, responses, lambda f: torch.stack(head.moments(f), -1), batch_size,
+                               progress)  # (N, 2)
         return (mv[:, 0], mv[:, 1]) if len(mv) else (torch.empty(0).double(), torch.empty(0).double())
 
     def predict_pair_moments(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                              batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """BNRM (E[Δ], Var[Δ]) per pair, Δ = r_w − r_l, Var[Δ] = Var r_w + Var r_l − 2 Cov (shared Φ), float64."""
-        head = self.bnrm_head
-
-        def fn(f: torch.Tensor) -> torch.Tensor:
-            return torch.cat([torch.stack(head.moments(f), -1), head.theta(f).double()], -1)  # (B, 2 + K)
-
-        a = self._per_response(prompts, chosen, fn, batch_size)
-        b = self._per_response(prompts, rejected, fn, batch_size)
+        """The head's (E[Δ], Var[Δ]) per pair, Δ = r_w − r_l, with the covariance the head induces, float64."""
+        if not self.head.has_moments:
+            self.head.moments(None)  # raises, naming what to do instead
+        dtype = next(self.head.parameters()).dtype
+        fw = self.per_response(prompts, chosen, lambda f: f, batch_size).to(dtype)  # (P, d)
+        fl = self.per_response(prompts, rejected, lambda f: f, batch_size).to(dtype)
         with torch.no_grad():
-            var_phi = head.phi_moments()[1].cpu()  # (K,)
-        cov = pair_covariance(a[:, 2:], b[:, 2:], var_phi)  # (P,)
-        return a[:, 0] - b[:, 0], a[:, 1] + b[:, 1] - 2.0 * cov
-
-    def factor_activations(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32
-                           ) -> torch.Tensor:
-        """BNRM factor loadings E_q[θ] per response, (N, K) float64 (interpretability, paper App. B)."""
-        head = self.bnrm_head
-        return self._per_response(prompts, responses, head.theta, batch_size)
+            mu, var = self.head.pair_moments(fw.to(self.device), fl.to(self.device))
+        return mu.double().cpu(), var.double().cpu()
 
     # ------------------------------------------------------------------ parameters
     def lora_parameters(self) -> dict[str, nn.Parameter]:
@@ -357,7 +266,7 @@ class RewardModel(nn.Module):
 
         p = find_model_dir(path)
         cfg_file = p / CONFIG_NAME
-        if not cfg_file.exists() and is_seq_cls_dir(p):
+        if is_seq_cls_dir(p):
             model = cls(seq_cls_config(p))
             model.eval()
             return model if device is None else model.to(device)
@@ -386,45 +295,65 @@ class RewardModel(nn.Module):
 # --------------------------------------------------------------------------- transformers reward models
 
 
-def is_seq_cls_dir(path: Path) -> bool:
-    """True for a saved transformers model whose architecture is a *ForSequenceClassification."""
-    f = path / "config.json"
-    if not f.is_file():
-        return False
-    try:
-        archs = json.loads(f.read_text()).get("architectures") or []
-    except json.JSONDecodeError:
-        raise ValueError(f"{f}: malformed JSON") from None
-    return any(str(a).endswith("ForSequenceClassification") for a in archs)
-
-
 def seq_cls_config(path: Path) -> RMConfig:
     """RMConfig that scores a transformers sequence-classification reward model as it is.
 
-    The input rendering comes from `bayesrm_input_format` in config.json when bayesrm exported the model, else
-    the tokenizer's chat template (plain prompt + response without one), up to the model's maximum length.
+    Inputs are built as `bayesrm_input_format` in config.json records when bayesrm exported the model (template,
+    length, truncation); otherwise with the tokenizer's chat template (plain prompt + response without one) up to
+    the model's maximum length.
     """
     from transformers import AutoTokenizer
 
     raw = json.loads((path / "config.json").read_text())
-    if int(raw.get("num_labels", len(raw.get("id2label", {})) or 2)) != 1:
-        raise ValueError(f"{path}: a reward model has one output (num_labels=1), this one has "
-                         f"{raw.get('num_labels', len(raw.get('id2label', {})) or 2)}")
+    labels = int(raw.get("num_labels", len(raw.get("id2label") or {}) or 2))
+    if labels != 1:
+        raise ValueError(f"{path}: a reward model has one output (num_labels=1), this one has {labels}")
+    dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "float32")
     fmt = raw.get("bayesrm_input_format")
     if fmt:
-        template, max_length = fmt["template"], int(fmt["max_length"])
-    else:
-        tok = AutoTokenizer.from_pretrained(str(path))
-        template = Template.CHAT.value if getattr(tok, "chat_template", None) else Template.PLAIN.value
-        max_length = min(int(tok.model_max_length), int(raw.get("max_position_embeddings", 512)))
-    return RMConfig(backbone=str(path), template=template, max_length=max_length, seq_cls=True,
-                    dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
+        return RMConfig(backbone=str(path), template=fmt["template"], max_length=int(fmt["max_length"]),
+                        prompt_budget=float(fmt["prompt_budget"]), response_keep=fmt["response_keep"],
+                        seq_cls=True, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    template = Template.CHAT if getattr(tok, "chat_template", None) else Template.PLAIN
+    max_length = min(int(tok.model_max_length), int(raw.get("max_position_embeddings", 512)))
+    return RMConfig(backbone=str(path), template=template.value, max_length=max_length, seq_cls=True, dtype=dtype)
 
 
-def seq_cls_head(model: nn.Module) -> nn.Linear:
-    """The final one-output linear layer of a sequence classifier (`score`, `classifier`, `classifier.out_proj`)."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not last or last[-1].out_features != 1:
+class _Tap(nn.Module):
+    """Stands in for a sequence classifier's final linear layer: keeps its input (the reward features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._seen = x
+        return x[..., :1]  # the classifier's shape (…, 1); the value is not used
+
+    def take(self) -> torch.Tensor:
+        """The input of the last forward, once."""
+        if self._seen is None:
+            raise RuntimeError("no forward pass reached the classifier's final layer")
+        x, self._seen = self._seen, None
+        return x
+
+
+def _tap_of(model: nn.Module) -> _Tap:
+    return next(m for m in model.modules() if isinstance(m, _Tap))
+
+
+def tap_seq_cls_head(model: nn.Module) -> LinearHead:
+    """Replace the final one-output linear layer of a sequence classifier (`score`, `classifier`,
+    `classifier.out_proj`) by a `_Tap` and return a LinearHead with its weights (bias 0 if it had none)."""
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not named or named[-1][1].out_features != 1:
         raise ValueError(f"{type(model).__name__}: no final one-output linear layer to use as the reward head")
-    return last[-1]
-
+    name, final = named[-1]
+    head = LinearHead(final.in_features)
+    with torch.no_grad():
+        head.weight.copy_(final.weight.float())
+        head.bias.copy_(final.bias.float() if final.bias is not None else torch.zeros(1))
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], _Tap())
+    return head

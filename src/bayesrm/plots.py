@@ -1,5 +1,5 @@
 """Figures (BoN overoptimisation, reliability diagrams, selective prediction) as PNGs, written atomically
-(temp file + os.replace).
+(`io.atomic_path`).
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend state), so it is safe to call
 from scripts, tests and worker threads alike.
@@ -7,9 +7,7 @@ from scripts, tests and worker threads alike.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bayesrm.bon import BonCurve
+from bayesrm.io import atomic_path
 
 KL_LABEL = "KL(π_BoN ‖ π_ref) [nats]"
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
@@ -30,20 +29,10 @@ def _styles(n_lines: int) -> list[tuple[tuple[float, ...], str]]:
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
-    """Render fig to a temp file beside path, then os.replace it into place (no reader sees half a file)."""
+    """Render fig into place atomically (`io.atomic_path`: no reader sees half a file)."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fmt = out.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=dpi)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=dpi)
     return out
 
 

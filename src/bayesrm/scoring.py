@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from bayesrm.objectives import Family, Rule, SelectionSpec, la_ens, parse_spec
+from bayesrm.run import RunDir
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Scorer:
     def load(cls, path: str | Path, spec: str | SelectionSpec = "map", device: str | torch.device | None = None,
              batch_size: int = 16) -> Scorer:
         """Load what `spec` reads from `path`: a model dir (+ its Laplace posterior) or an ensemble dir."""
-        from bayesrm.ensemble import EnsembleRewardModel, find_posterior
+        from bayesrm.ensemble import EnsembleRewardModel
         from bayesrm.laplace import LaplacePosterior
         from bayesrm.model import RewardModel
 
@@ -78,17 +79,17 @@ class Scorer:
         model = RewardModel.load(path, device=device)
         posts = None
         if s.family is Family.LA:
-            found = find_posterior(path)
-            if found is None:
-                raise FileNotFoundError(f"{path}: no Laplace posterior for spec '{s}'; run `bayesrm laplace {path}`")
-            post = LaplacePosterior.load(found)
+            post = LaplacePosterior.load(RunDir.of(path).require_posterior())
             post.check_matches(model)
             posts = [post]
         return cls(model, s, posts, batch_size)
 
     def moments(self, prompts: Sequence[str], responses: Sequence[str],
                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Member means (M, N) and, where the spec reads them, predictive variances (M, N); M = 1 for one model."""
+        """Member means (M, N) and, where the spec reads them, predictive variances (M, N); M = 1 for one model.
+
+        Ensemble members come standardised with the statistics stored in the ensemble (`ensemble` module doc).
+        """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
         fam, bs = self.spec.family, self.batch_size
@@ -100,10 +101,11 @@ class Scorer:
             if fam is Family.VI:
                 mu, var = self.model.predict_moments(prompts, responses, bs, progress)
                 return mu.unsqueeze(0).double(), var.unsqueeze(0).double()
-            if fam is Family.LA_ENS and self.spec.needs_variance:
-                return self.model.predict_members(self.posteriors, prompts, responses, bs, progress)
+            if fam is Family.LA_ENS and self.spec.needs_variance:  # members standardised (overopt. note §8)
+                return self.model.standardize(*self.model.predict_members(self.posteriors, prompts, responses, bs,
+                                                                          progress))
             if self.spec.needs_ensemble:
-                return self.model.score_members(prompts, responses, bs, progress).double(), None
+                return self.model.standardize(self.model.score_members(prompts, responses, bs, progress))
             return self.model.score(prompts, responses, bs, progress).unsqueeze(0).double(), None
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], ref: torch.Tensor | float | None = None,

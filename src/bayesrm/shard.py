@@ -4,6 +4,8 @@
 into ``<out>.shards/shard-0000i-of-0000N.jsonl``. A shard file is written atomically (temp file + rename), so a
 shard is finished exactly when its file exists: a rerun after a crash skips finished shards. A manifest records
 what the shards were computed from (input, model, spec, fields, shard count); shards from another run are discarded.
+The scoring of a shard, of N local processes (`score_parallel`) and of launcher ranks (`score_ranked`) lives here;
+`bayesrm score` only parses arguments and picks one.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bayesrm.data import DataError, iter_rows
 from bayesrm.io import atomic_path, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -162,3 +166,117 @@ def threads_per_process(num_processes: int, cores: int | None = None) -> int:
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(num_processes, 1))
+
+
+# --------------------------------------------------------------------------- scoring rows
+
+
+def score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[dict[str, Any]]:
+    """Rows of a `score` input, each checked to hold text in the prompt and response fields."""
+    for line, row in iter_rows(input):
+        for f in (prompt_field, response_field):
+            if not isinstance(row.get(f), str):
+                raise DataError("missing or not text", file=input, line=line, field=f)
+        yield row
+
+
+def add_scores(scorer: Any, rows: list[dict[str, Any]], fields: tuple[str, str],
+                progress: Callable[[int], None] | None = None) -> None:
+    """Add `reward` to each row and, for uncertainty specs, reward_std, reward_var, reward_penalized and penalty."""
+    if not rows:
+        return
+    scores = scorer.score([r[fields[0]] for r in rows], [r[fields[1]] for r in rows], progress=progress)
+    for r, s in zip(rows, scores.rows(), strict=True):
+        r["reward"] = s["reward"]
+        if scorer.spec.family.value != "map":
+            std = s["std"]
+            if std is not None:
+                r |= {"reward_std": std, "reward_var": std**2}
+            r |= {"reward_penalized": s["selection"], "penalty": str(scorer.spec)}
+
+
+def score_device(device: str, index: int) -> str | None:
+    """`--device auto`: GPU index mod #GPUs when CUDA is available, else None (CPU); anything else as given."""
+    import torch
+
+    if device != "auto":
+        return device
+    return f"cuda:{index % torch.cuda.device_count()}" if torch.cuda.is_available() else None
+
+
+def score_shard(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], index: int, num: int,
+                batch_size: int, device: str | None, log: Callable[[str], None] = print) -> None:
+    """Score rows of shard `index` of `num` into its shard file (skipped if that file exists)."""
+    import itertools
+    import time
+
+    from bayesrm.scoring import Scorer
+
+    total = sum(1 for _ in score_rows(input, *fields))
+    prepare_shards(out, ShardRun.describe(input, total, model_dir, spec, fields, num))
+    if shard_path(out, index, num).exists():
+        log(f"shard {index}/{num} already done")
+        return
+    span, t0 = shard_range(total, index, num), time.perf_counter()
+    rows = list(itertools.islice(score_rows(input, *fields), span.start, span.stop))
+    add_scores(Scorer.load(model_dir, spec, device=device, batch_size=batch_size), rows, fields)
+    write_shard(out, index, num, rows)
+    log(f"shard {index}/{num}: {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
+
+
+def score_parallel(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], num: int,
+                   batch_size: int, threads: int | None, device: str, log: Callable[[str], None] = print) -> None:
+    """Score `num` shards in `num` processes, then merge in input order.
+
+    This process scores the first unfinished shard itself and starts `bayesrm score --shard i/num` for the others.
+    """
+    import subprocess
+    import sys
+
+    import torch
+
+
+    total = sum(1 for _ in score_rows(input, *fields))  # every row is checked before any worker starts
+    if prepare_shards(out, ShardRun.describe(input, total, model_dir, spec, fields, num), discard=True):
+        log(f"discarded shards of a different earlier run in {shard_dir(out)}")
+    todo = pending_shards(out, num)
+    if len(todo) < num:
+        log(f"{num - len(todo)} of {num} shards already done")
+    t = threads or threads_per_process(max(len(todo), 1))
+    env = os.environ | {"OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t), "RAYON_NUM_THREADS": str(t)}
+    base = [sys.executable, "-m", "bayesrm", "score", str(model_dir), input, "--out", str(out), "--spec", spec,
+            "--batch-size", str(batch_size), "--prompt-field", fields[0], "--response-field", fields[1],
+            "--threads", str(t)]
+    procs = {i: subprocess.Popen([*base, "--shard", f"{i}/{num}", "--device", score_device(device, i) or "cpu"],
+                                 env=env) for i in todo[1:]}
+    try:
+        if todo:
+            torch.set_num_threads(t)
+            score_shard(model_dir, input, out, spec, fields, todo[0], num, batch_size, score_device(device, todo[0]),
+                        log)
+        codes = {i: p.wait() for i, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    failed = {i: c for i, c in codes.items() if c != 0}
+    if failed:
+        raise ValueError(f"shards {sorted(failed)} of {num} failed (exit codes {sorted(set(failed.values()))}); "
+                         "rerun the same command to redo only unfinished shards")
+    rows = merge_shards(out, num, total)
+    shutil.rmtree(shard_dir(out))
+    log(f"wrote {rows} scored rows to {out} ({num} shards)")
+
+
+
+
+def score_ranked(model_dir: Path, input: str, out: Path, spec: str, fields: tuple[str, str], rank: int, world: int,
+                 local: int, batch_size: int, device: str, log: Callable[[str], None] = print) -> None:
+    """Under `accelerate launch` / `torchrun`: each rank scores its shard; rank 0 waits for all and merges."""
+    score_shard(model_dir, input, out, spec, fields, rank, world, batch_size, score_device(device, local), log)
+    if rank == 0:
+        wait_for_shards(out, world)
+        merged = merge_shards(out, world)
+        shutil.rmtree(shard_dir(out))
+        log(f"wrote {merged} scored rows to {out} ({world} ranks)")

@@ -1,12 +1,10 @@
-"""Prompt templates and tokenisation with truncation that always keeps the end of the response."""
+"""Prompt templates and tokenisation with truncation that keeps a prompt budget and the response part pooling reads."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any
-
-import torch
 
 
 class Template(str, Enum):
@@ -54,12 +52,24 @@ def _strip_wrap(pre: list[int], res: list[int], head: list[int], tail: list[int]
     return pre, res
 
 
-def truncate(pre: list[int], res: list[int], budget: int) -> list[int]:
-    """Keep at most `budget` ids of prefix + response: cut the prefix from the left, then the response's start."""
-    if len(res) >= budget:
-        return res[len(res) - budget:]
-    keep = budget - len(res)
-    return pre[max(len(pre) - keep, 0):] + res
+class ResponseKeep(str, Enum):
+    """Which end of an over-long response truncation keeps."""
+
+    AUTO = "auto"  # END when the reward is read at the last token (decoders), else START (encoders)
+    END = "end"  # drop the response's start: a decoder's reward token (the last one) must survive
+    START = "start"  # drop the response's end: an encoder reads every token, and the opening answers the prompt
+
+
+def truncate(pre: list[int], res: list[int], budget: int, prompt_budget: int = 0, keep_end: bool = True
+             ) -> list[int]:
+    """At most `budget` ids: the prompt's last max(prompt_budget, budget − |res|) ids, then the response cut to fit.
+
+    The prompt is cut from its start (its end holds the instruction and the assistant marker); the response
+    from its start when `keep_end`, else from its end. `prompt_budget=0` gives the response priority.
+    """
+    n_pre = min(len(pre), max(min(prompt_budget, budget - 1), budget - len(res)))
+    n_res = min(len(res), budget - n_pre)
+    return pre[len(pre) - n_pre:] + (res[len(res) - n_res:] if keep_end else res[:n_res])
 
 
 def encode(
@@ -69,14 +79,19 @@ def encode(
     *,
     template: Template | str = Template.OASST,
     max_length: int = 500,
+    prompt_budget: float = 0.0,
+    keep_end: bool = True,
 ) -> list[list[int]]:
     """Token ids of each (prompt, response), at most `max_length` long, with the tokenizer's special tokens.
 
-    Truncation drops the start of the prompt first, then the start of the response, so the end of the
-    response (where a decoder reads the reward) is always kept.
+    When a pair is too long, up to `prompt_budget` × the text budget goes to the end of the prompt (more if the
+    response is short) and the response keeps its end (`keep_end`, decoders) or its start (encoders): see
+    `truncate`. The same function serves training, Laplace fitting and scoring.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not 0.0 <= prompt_budget < 1.0:
+        raise ValueError(f"prompt_budget must be in [0, 1), got {prompt_budget}")
     if not prompts:
         return []
     t = Template(template)
@@ -84,6 +99,7 @@ def encode(
     budget = max_length - len(head) - len(tail)
     if budget < 1:
         raise ValueError(f"max_length={max_length} leaves no room for text")
+    n_prompt = int(prompt_budget * budget)
     parts = [render(t, p, r, tokenizer) for p, r in zip(prompts, responses, strict=True)]
     pre_ids = tokenizer([a for a, _ in parts], add_special_tokens=False, verbose=False)["input_ids"]
     res_ids = tokenizer([b for _, b in parts], add_special_tokens=False, verbose=False)["input_ids"]
@@ -91,22 +107,5 @@ def encode(
     for pre, res in zip(pre_ids, res_ids, strict=True):
         if t is Template.CHAT:
             pre, res = _strip_wrap(list(pre), list(res), head, tail)
-        out.append(head + truncate(list(pre), list(res), budget) + tail)
+        out.append(head + truncate(list(pre), list(res), budget, n_prompt, keep_end) + tail)
     return out
-
-
-def collate(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into (input_ids, attention_mask), both (B, T)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), to avoid padding waste."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

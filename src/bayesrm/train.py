@@ -14,37 +14,16 @@ from typing import Any
 
 import torch
 
+from bayesrm.batching import encode_pairs, pair_rows
+from bayesrm.config import TrainConfig
 from bayesrm.data import Pair
 from bayesrm.io import atomic_dir, atomic_write_json, write_jsonl
-from bayesrm.losses import bradley_terry_loss, centering_penalty
+from bayesrm.losses import pair_nll
 from bayesrm.metrics import pair_metrics
 from bayesrm.model import RewardModel
-from bayesrm.templates import collate
+from bayesrm.run import CHECKPOINT_DIR, MODEL_DIR
 
-CHECKPOINT_DIR = "checkpoint"
-MODEL_DIR = "model"
 METRICS_NAME = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (paper App. C.2: batch 8, linear schedule, weight decay 0)."""
-
-    epochs: int = 1  # passes over the training pairs
-    lr: float = 2e-4  # AdamW learning rate (peak)
-    batch_size: int = 8  # pairs per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_ratio: float = 0.03  # fraction of steps with linear warm-up
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
-    margin: float = 0.0  # BT margin m in −log σ(r_w − r_l − m)
-    center_coef: float = 0.0  # weight of the reward-centering term (r_w + r_l)²
-    data_seed: int = 0  # data order and dropout RNG (LoRA init is RMConfig.lora_seed)
-    group_by_length: bool = True  # batches of similar length, in random order
-    mixed_precision: str = "no"  # no | bf16 (autocast; falls back to fp32 where bf16 matmuls are not native)
-    eval_batch_size: int = 32  # responses per scoring batch
-    checkpoint_every: int = 100  # optimizer steps between atomic checkpoints (0: only at epoch ends)
-    max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool
@@ -64,17 +43,11 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
-def encode_pairs(model: RewardModel, pairs: Sequence[Pair]) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of chosen and rejected responses."""
-    prompts = [p.prompt for p in pairs]
-    return (model.encode(prompts, [p.chosen for p in pairs]), model.encode(prompts, [p.rejected for p in pairs]))
-
-
 def pair_forward(model: torch.nn.Module, chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],
                  pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected in one forward over 2B rows (chosen first)."""
-    x, m = collate(list(chosen) + list(rejected), pad_id)  # (2B, T)
-    r = model(x.to(device), m.to(device)).float()  # (2B,)
+    x, m = pair_rows(chosen, rejected, pad_id, device)  # (2B, T)
+    r = model(x, m).float()  # (2B,)
     return r[: len(chosen)], r[len(chosen):]
 
 
@@ -156,22 +129,9 @@ def bf16_is_native(device: torch.device) -> bool:
     return True
 
 
-def _check_config(cfg: TrainConfig) -> None:
-    for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
-    if not 0.0 <= cfg.warmup_ratio <= 1.0:
-        raise ValueError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
-
-
 def pair_loss(rw: torch.Tensor, rl: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Per-pair training loss: BT NLL with margin, plus the optional centering term (Eisenstein et al. 2023)."""
-    loss = bradley_terry_loss(rw, rl, cfg.margin)  # (B,)
-    if cfg.center_coef:
-        loss = loss + cfg.center_coef * centering_penalty(rw, rl)
-    return loss
+    """Per-pair training loss (B,): `losses.pair_nll` with the run's margin and centering weight."""
+    return pair_nll(rw, rl, cfg.margin, cfg.center_coef)
 
 
 @dataclass
@@ -278,7 +238,6 @@ def train(
 
     if not train_pairs:
         raise ValueError("no training pairs")
-    _check_config(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     acc = Accelerator()  # devices and processes; autocast is ours so settings can change within a process
