@@ -150,3 +150,21 @@ def test_export_check_catches_a_head_that_does_not_reproduce_the_rewards(
     with pytest.raises(ValueError, match="export aborted"):
         export_model(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_head_laplace_of_an_export_is_the_original_models(kind: str, tiny_cfg: Callable[..., RMConfig],
+                                                          tmp_path: Path) -> None:
+    from bayesrm.config import LaplaceConfig
+    from bayesrm.laplace import fit_laplace
+
+    original = _trained_like(tiny_cfg(kind, max_length=40), tmp_path / "run")
+    export_model(tmp_path / "run", tmp_path / "out")
+    imported = RewardModel.load(tmp_path / "out")  # features and head read back, not the rescaled w/s
+    assert torch.allclose(imported.head.weight, original.head.weight, atol=1e-6)
+    pairs, test = toy_pairs(12), toy_pairs(5, seed=7)
+    cfg = LaplaceConfig(subset="head", prior_mean="zero", batch_size=4)
+    posts = [fit_laplace(m, pairs, cfg) for m in (original, imported)]
+    assert posts[0].tau == pytest.approx(posts[1].tau, rel=1e-4)
+    (mu0, v0), (mu1, v1) = (p.predict_pairs(m, test) for p, m in zip(posts, (original, imported), strict=True))
+    assert torch.allclose(mu0, mu1, atol=1e-5) and torch.allclose(v0, v1, rtol=1e-3, atol=1e-8)

@@ -97,7 +97,15 @@ def _head_weights(model: RewardModel, model_type: str, prefix: str) -> dict[str,
                      f"{', '.join(sorted(_BERT_POOLER | _DENSE_HEAD))} with first-token pooling)")
 
 
-def _seq_cls_config(model: RewardModel, pad_id: int) -> Any:
+def _feature_layer(prefix: str, heads: dict[str, torch.Tensor]) -> str | None:
+    """The s·I layer in front of tanh (whose input is bayesrm's feature), or None for decoders' direct `score`."""
+    for name in (f"{prefix}.pooler.dense", "classifier.dense"):
+        if f"{name}.weight" in heads:
+            return name
+    return None
+
+
+def _seq_cls_config(model: RewardModel, pad_id: int, fmt: dict[str, Any]) -> Any:
     """The backbone's config as a one-output sequence classifier, dropout off, with the input format recorded."""
     cfg = model.backbone.get_base_model().config.__class__.from_dict(
         model.backbone.get_base_model().config.to_dict())
@@ -107,7 +115,7 @@ def _seq_cls_config(model: RewardModel, pad_id: int) -> Any:
     for name, value in list(vars(cfg).items()):
         if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
             setattr(cfg, name, 0.0)
-    setattr(cfg, INPUT_FORMAT_KEY, input_format(model))
+    setattr(cfg, INPUT_FORMAT_KEY, fmt)
     return cfg
 
 
@@ -168,7 +176,7 @@ def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
     base = model.backbone.get_base_model()
     model_type = str(base.config.model_type)
     lora = {k: p.detach().clone() for k, p in model.backbone.named_parameters() if "lora_" in k}
-    cfg = _seq_cls_config(model, pad)
+    cfg = _seq_cls_config(model, pad, fmt)
     dtype = getattr(torch, model.config.dtype)
     with atomic_dir(out) as tmp:
         tok = model.tokenizer
@@ -183,6 +191,11 @@ def export_model(run: str | Path, out: str | Path) -> dict[str, Any]:
             raise ValueError(f"backbone weights do not fit {type(seq).__name__}: missing {missing[:3]}, "
                              f"unexpected {list(res.unexpected_keys)[:3]}")
         heads = _head_weights(model, model_type, prefix)
+        layer = _feature_layer(prefix, heads)
+        # where bayesrm's feature and head sit (RewardModel.load reads them back, so a head-only posterior of the
+        # export is the original's rather than one over the rescaled w/s); fmt is also the config's record
+        fmt.update(feature_layer=layer, feature_scale=TANH_SCALE if layer else 1.0)
+        setattr(seq.config, INPUT_FORMAT_KEY, fmt)
         seq.load_state_dict(heads, strict=False)
         seq.eval()
         seq.save_pretrained(str(tmp))

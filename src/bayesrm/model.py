@@ -321,20 +321,21 @@ def seq_cls_config(path: Path) -> RMConfig:
 
 
 class _Tap(nn.Module):
-    """Stands in for a sequence classifier's final linear layer: keeps its input (the reward features)."""
+    """Stands in for a layer of a sequence classifier (d → out): keeps its input, the reward features."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_features: int) -> None:
         super().__init__()
+        self.out_features = out_features
         self._seen: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._seen = x
-        return x[..., :1]  # the classifier's shape (…, 1); the value is not used
+        return x[..., : self.out_features]  # the replaced layer's shape; what follows it is not used
 
     def take(self) -> torch.Tensor:
         """The input of the last forward, once."""
         if self._seen is None:
-            raise RuntimeError("no forward pass reached the classifier's final layer")
+            raise RuntimeError("no forward pass reached the tapped layer")
         x, self._seen = self._seen, None
         return x
 
@@ -344,16 +345,27 @@ def _tap_of(model: nn.Module) -> _Tap:
 
 
 def tap_seq_cls_head(model: nn.Module) -> LinearHead:
-    """Replace the final one-output linear layer of a sequence classifier (`score`, `classifier`,
-    `classifier.out_proj`) by a `_Tap` and return a LinearHead with its weights (bias 0 if it had none)."""
-    named = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not named or named[-1][1].out_features != 1:
+    """Tap a sequence classifier's features and return its final one-output layer as a LinearHead.
+
+    The final linear layer (`score`, `classifier`, `classifier.out_proj`) is replaced by a `_Tap` and its weights
+    (bias 0 if none) become the head. A model bayesrm exported records `feature_layer`, the s·I layer in front
+    of tanh (`export` module doc): that layer is tapped instead and the head weight multiplied back by s, so the
+    features and head are bayesrm's own (a head-only posterior then matches the original model's).
+    """
+    named = dict(model.named_modules())
+    finals = [n for n, m in named.items() if isinstance(m, nn.Linear)]
+    if not finals or named[finals[-1]].out_features != 1:
         raise ValueError(f"{type(model).__name__}: no final one-output linear layer to use as the reward head")
-    name, final = named[-1]
+    final = named[finals[-1]]
+    assert isinstance(final, nn.Linear)
+    fmt = getattr(model.config, "bayesrm_input_format", None) or {}
+    tapped = fmt.get("feature_layer") or finals[-1]
+    if tapped not in named:
+        raise ValueError(f"{type(model).__name__}: recorded feature layer '{tapped}' is not in the model")
     head = LinearHead(final.in_features)
     with torch.no_grad():
-        head.weight.copy_(final.weight.float())
+        head.weight.copy_(final.weight.float() * float(fmt.get("feature_scale", 1.0)))
         head.bias.copy_(final.bias.float() if final.bias is not None else torch.zeros(1))
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], _Tap())
+    parent, _, attr = tapped.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, _Tap(int(named[tapped].out_features)))
     return head
