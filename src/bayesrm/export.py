@@ -68,8 +68,9 @@ def recipe_ids(tokenizer: Any, fmt: dict[str, Any], prompt: str, response: str) 
     if fmt["prefix"] is None:
         raise ValueError("a chat-template model's inputs need bayesrm.templates.encode (the split of the chat "
                          "template's text into prompt and response has no format string)")
-    pre = tokenizer(fmt["prefix"].replace("{prompt}", prompt), add_special_tokens=False)["input_ids"]
-    res = tokenizer(fmt["response"].replace("{response}", response), add_special_tokens=False)["input_ids"]
+    pre = tokenizer(fmt["prefix"].replace("{prompt}", prompt), add_special_tokens=False, verbose=False)["input_ids"]
+    res = tokenizer(fmt["response"].replace("{response}", response), add_special_tokens=False,
+                    verbose=False)["input_ids"]
     budget = fmt["max_length"] - len(fmt["special_head"]) - len(fmt["special_tail"])
     body = truncate(list(pre), list(res), budget, fmt["prompt_tokens"], fmt["keep_response_end"])
     return [*fmt["special_head"], *body, *fmt["special_tail"]]
@@ -259,8 +260,9 @@ def _readme(fmt: dict[str, Any], pad: int, backbone: str, adapter: bool = False)
 
 
 def input_ids(prompt: str, response: str) -> list[int]:
-    pre = tok(FMT["prefix"].replace("{{prompt}}", prompt), add_special_tokens=False)["input_ids"]
-    res = tok(FMT["response"].replace("{{response}}", response), add_special_tokens=False)["input_ids"]
+    kw = dict(add_special_tokens=False, verbose=False)  # full length first: bayesrm truncates below
+    pre = tok(FMT["prefix"].replace("{{prompt}}", prompt), **kw)["input_ids"]
+    res = tok(FMT["response"].replace("{{response}}", response), **kw)["input_ids"]
     budget = FMT["max_length"] - len(FMT["special_head"]) - len(FMT["special_tail"])
     n_pre = min(len(pre), max(min(FMT["prompt_tokens"], budget - 1), budget - len(res)))
     n_res = min(len(res), budget - n_pre)
