@@ -15,6 +15,10 @@ same posterior.
 Rows (wall and CPU seconds; CPU time is the robust number when other processes share the cores):
 (a) `fit_laplace` (defaults: its KFAC variant, marglik τ) vs one `train` epoch on the same pairs; target ≤ 0.5×.
 (b) `LaplacePosterior.predict` (σ²) vs `RewardModel.score` (MAP) per response, same batch size; target ≤ 3×.
+(d) Where the fit's time goes beyond the forward+backward (hooked forward + √Λ-weighted backward only, then the
+    fp64 factor accumulation, then eigendecompositions + τ), and the same fit in 2 processes × 1 thread
+    (`bayesrm.dist.run_local`, gloo: each process accumulates half the pairs, one all-reduce) vs 1 × 1, timed
+    inside the processes (start-up excluded), as a fraction of the one-process training epoch of (a).
 (c) σ² per response vs a naive loop (per response, `torch.func.jacrev` of the reward w.r.t. the LoRA tensors, then
     J Σ Jᵀ in the eigenbasis of the SAME posterior; must agree to rel ≤ 1e-4) and vs laplace-torch
     (`Laplace(..., likelihood="reward_modeling", subset_of_weights="all", hessian_structure="kron")` on the LoRA
@@ -39,9 +43,17 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from bayesrm.batching import collate
+from bayesrm import dist
+from bayesrm.batching import collate, pair_batches
 from bayesrm.data import Pair, load_pairs
-from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
+from bayesrm.laplace import (
+    LaplaceConfig,
+    LaplacePosterior,
+    _batch_jacobians,
+    fit_laplace,
+    kfac_factors,
+    lora_modules,
+)
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.templates import encode
 from bayesrm.train import TrainConfig, train
@@ -211,6 +223,51 @@ def unfreeze_head(model: RewardModel, flags: dict[str, bool]) -> None:
         p.requires_grad_(flags[n])
 
 
+# --------------------------------------------------------------------------- (d) fit phases and distributed fit
+
+
+def fit_phases(model: RewardModel, fit: Sequence[Pair], bs: int, reps: int) -> dict[str, Timing]:
+    """CPU/wall of the hooked forward+backward alone, of the factors (that + accumulation), of the whole fit."""
+    modules = lora_modules(model)
+
+    def fwd_bwd() -> None:
+        for _, x, m in pair_batches(model, fit, bs):
+            _batch_jacobians(model, modules, x, m, torch.ones_like)
+
+    _, t_fb = timed(fwd_bwd, reps)
+    _, t_fac = timed(lambda: kfac_factors(model, fit, "pair", bs), reps)
+    _, t_all = timed(lambda: fit_laplace(model, fit, LaplaceConfig(batch_size=bs)), reps)
+    return {"fwd_bwd": t_fb, "factors": t_fac, "fit": t_all}
+
+
+def _dist_fit(model_dir: str, fit: list[Pair], bs: int, out: str) -> None:
+    """One rank of the distributed fit: load, barrier, time fit_laplace; rank 0 writes the max over ranks."""
+    import json
+
+    model = RewardModel.load(model_dir)
+    model.eval()
+    fit_laplace(model, fit[:bs], LaplaceConfig(batch_size=bs, tau_method="fixed"))  # warm-up
+    dist.barrier()
+    w, c = time.perf_counter(), time.process_time()
+    fit_laplace(model, fit, LaplaceConfig(batch_size=bs))
+    t = dist.gather((time.perf_counter() - w, time.process_time() - c))
+    if dist.is_main():
+        with open(out, "w") as f:
+            json.dump({"wall": max(x[0] for x in t), "cpu": max(x[1] for x in t)}, f)
+
+
+def distributed_fit(model: RewardModel, fit: list[Pair], bs: int, processes: int) -> Timing:
+    """fit_laplace in `processes` local processes × 1 thread (timed inside, after a warm-up and a barrier)."""
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(f"{tmp}/model")
+        dist.run_local(_dist_fit, f"{tmp}/model", fit, bs, f"{tmp}/t.json", processes=processes, threads=1)
+        with open(f"{tmp}/t.json") as f:
+            t = json.load(f)
+    return Timing(t["wall"], t["cpu"])
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -229,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--scaling-batch", type=int, default=16,
                     help="also time bayesrm and laplace-torch σ² at this batch size (0: skip)")
     ap.add_argument("--skip-laplace-torch", action="store_true")
+    ap.add_argument("--processes", type=int, default=2, help="processes of the distributed-fit row in (d) (1: skip)")
     args = ap.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -249,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     model = RewardModel(RMConfig(max_length=L, lora_r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
+        for pname, p in model.named_parameters():
+            if ".lora_B." in pname:
                 p.normal_(0.0, 0.02)
     pairs = long_pairs(model.tokenizer, args.fit_pairs + args.test, L)
     fit, test_pairs = pairs[:args.fit_pairs], pairs[args.fit_pairs:]
@@ -284,6 +342,25 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{t_fit.cpu:9.2f}")
     print(f"  ratio fit / epoch: {t_fit.wall / t_train.wall:.2f}x wall, {t_fit.cpu / t_train.cpu:.2f}x CPU "
           f"(target ≤ 0.5x)\n", flush=True)
+
+    # (d) phases of the fit, then the fit in 2 processes
+    ph = fit_phases(model, fit, bs, args.reps)
+    acc_t = Timing(ph["factors"].wall - ph["fwd_bwd"].wall, ph["factors"].cpu - ph["fwd_bwd"].cpu)
+    rest = Timing(ph["fit"].wall - ph["factors"].wall, ph["fit"].cpu - ph["factors"].cpu)
+    print("(d) where the fit's time goes (best of reps), and the distributed fit")
+    print(f"  {'':<44}{'wall s':>9}{'CPU s':>9}{'CPU share':>11}")
+    for phase, tp in (("hooked forward + weighted backward", ph["fwd_bwd"]), ("fp64 factor accumulation", acc_t),
+                      ("eigendecompositions + τ (marglik)", rest), ("whole fit_laplace", ph["fit"])):
+        print(f"  {phase:<44}{tp.wall:9.2f}{tp.cpu:9.2f}{tp.cpu / ph['fit'].cpu:10.0%}")
+    if args.processes > 1:
+        t_d = distributed_fit(model, fit, bs, args.processes)
+        print(f"  {'fit_laplace, ' + str(args.processes) + ' processes × 1 thread':<44}{t_d.wall:9.2f}"
+              f"{t_d.cpu:9.2f}  (max over ranks)")
+        print(f"  {args.processes} × 1 vs 1 × 1: {ph['fit'].wall / t_d.wall:.2f}x wall, {ph['fit'].cpu / t_d.cpu:.2f}x "
+              f"CPU of the busiest rank (the wall time with free cores); fit / one-process training epoch: "
+              f"{t_d.wall / t_train.wall:.2f}x wall, {t_d.cpu / t_train.cpu:.2f}x CPU ({args.processes} processes) vs "
+              f"{ph['fit'].wall / t_train.wall:.2f}x wall, {ph['fit'].cpu / t_train.cpu:.2f}x CPU (1 process)")
+    print(flush=True)
 
     # (b) σ² scoring vs MAP scoring
     mean_map, t_map = timed(lambda: model.score(prompts, responses, batch_size=bs), args.reps)

@@ -145,6 +145,26 @@ def test_help_lists_commands() -> None:
         assert cmd in res.output
 
 
+def test_train_exposes_every_train_config_field_with_its_default(tmp_path: Path, tiny_dir: dict[str, str]) -> None:
+    from dataclasses import fields
+
+    import typer.main
+
+    from bayesrm.config import TrainConfig
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}  # type: ignore[attr-defined]
+    for f in fields(TrainConfig):
+        assert f.name in params, f"TrainConfig.{f.name} is not a `bayesrm train` option"
+        assert params[f.name].default == f.default, f.name
+    data = _write_pairs(tmp_path / "p.jsonl", 16)
+    res = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "r"), "--backbone", tiny_dir["bert"],
+                              "--max-length", "32", "--lora-r", "2", "--batch-size", "4", "--max-steps", "3",
+                              "--checkpoint-every", "2", "--weight-decay", "0.01", "--no-group-by-length"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "r" / "train_config.json").read_text())["train"]
+    assert (saved["checkpoint_every"], saved["weight_decay"], saved["group_by_length"]) == (2, 0.01, False)
+
+
 @pytest.mark.parametrize("args", [["--help"], ["laplace", "--help"], ["train", "--help"], ["score", "--bogus"]])
 def test_help_and_argument_errors_do_not_import_torch(args: list[str]) -> None:
     """`--help` and argument errors return before any heavy import (they took ~4 s of CPU importing torch)."""

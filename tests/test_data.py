@@ -258,7 +258,7 @@ def test_alpaca_eval_annotator_filter_and_all_judges() -> None:
     every = load_pairs(AE, annotator=None, skip_invalid=True, report=rep)
     assert rep.ties == sum(r["preference"] == 1.5 for r in raw) == 2  # the reference vs itself, two judges
     assert rep.skipped == 2  # the null preference (cot judge) and the empty output
-    assert any("field 'preference': missing judge preference" in e for e in rep.errors)
+    assert any("field 'preference': is null" in e for e in rep.errors)  # null is not reported as missing
     assert len(every) == len(raw) - 2 - 2 and rep.filtered == 0
 
 
@@ -290,7 +290,7 @@ BAD_LINES = [
     ('{"prompt": "p", "chosen": "yes"', "malformed JSON", None),
     ('["p", "yes", "no"]', "expected a JSON object, got list", None),
     (json.dumps({"prompt": "p", "chosen": "yes"}), "missing", "rejected"),
-    (json.dumps({"prompt": "p", "chosen": "yes", "rejected": None}), "missing", "rejected"),
+    (json.dumps({"prompt": "p", "chosen": "yes", "rejected": None}), "is null, expected text", "rejected"),
     (json.dumps({"prompt": "p", "chosen": "", "rejected": "no"}), "empty response", "chosen"),
     (json.dumps({"prompt": "p", "chosen": "yes", "rejected": "  \n"}), "empty response", "rejected"),
     (json.dumps({"prompt": "p", "chosen": "same", "rejected": "same "}), "identical to chosen", "rejected"),

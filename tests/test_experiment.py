@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from bayesrm.data import DataError
 from bayesrm.experiment import BonConfig, load_config, run_bon
 from bayesrm.laplace import LaplaceConfig
+from bayesrm.model import RewardModel
 from bayesrm.pool import Pool
+from bayesrm.run import POSTERIOR_DIR
 from bayesrm.train import TrainConfig
 
 GOOD, BAD = ["good", "great", "clear", "kind"], ["bad", "awful", "vague", "rude"]
@@ -64,6 +69,20 @@ def test_run_bon_writes_results_and_resumes(cfg: BonConfig, tmp_path: Path) -> N
     again = run_bon(cfg, out, log=lambda *_: None)
     assert [c["gold"] for c in again["curves"]] == [c["gold"] for c in res["curves"]]
     assert set(res["k_sweep_gold_at_max_n"]) == {"std", "var"}
+    # a posterior that no longer matches its member (weights changed after the fit) is refused, not used
+    member = out / "proxy" / "member_0"
+    post_dir = member / "model" / POSTERIOR_DIR
+    shutil.copytree(post_dir, tmp_path / "kept_posterior")
+    model = RewardModel.load(member)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.add_(0.5)
+    model.save(member / "model")
+    shutil.copytree(tmp_path / "kept_posterior", post_dir)
+    with pytest.raises(DataError, match="differ from the posterior's MAP") as info:
+        run_bon(cfg, out, log=lambda *_: None)
+    assert str(post_dir) in str(info.value)
 
 
 def test_reward_model_as_gold_scores_a_pool_without_gold(cfg: BonConfig, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,20 +64,24 @@ def test_ensemble_specs_standardise_members_with_the_stored_statistics(laplace_e
 def test_ensemble_specs_ignore_a_members_bt_offset(laplace_ensemble: Path, tmp_path: Path) -> None:
     """BT rewards are defined up to a shift: shifting one member's head bias must not change ens:wco or ens:uwo.
 
-    Before member standardisation was stored and applied, `Scorer` took the min over raw rewards, so a +5
-    offset on member 1 made the min the other member everywhere and changed the selection.
+    Before member standardisation was stored and applied, `Scorer` took the min over raw rewards, so a −5
+    offset on member 1 made it the min everywhere: the ens:wco argmax and the ens:uwo ranking changed.
     """
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     from bayesrm.ensemble import fit_standardization, reference_responses
+    from bayesrm.integrity import tensor_checksums
 
     shifted = tmp_path / "ens"
     shutil.copytree(laplace_ensemble, shifted)
     head = shifted / "member_1" / "model" / "head.safetensors"
     w = load_file(str(head))
-    save_file({"weight": w["weight"], "bias": w["bias"] + 5.0}, str(head))
+    save_file({"weight": w["weight"], "bias": w["bias"] - 5.0}, str(head))
+    meta = json.loads((head.parent / "bayesrm.json").read_text())  # a deliberate edit: record its checksum
+    meta["checksums"] = tensor_checksums(head.parent)
+    (head.parent / "bayesrm.json").write_text(json.dumps(meta))
     ref_prompts, ref_responses = reference_responses(toy_pairs(16))
     fit_standardization(shifted, ref_prompts, ref_responses, source="test")
     for spec in ("ens:wco", "ens:uwo:lambda=0.5", "ens:mean"):

@@ -19,7 +19,15 @@ from typer.testing import CliRunner
 
 from bayesrm.cli import app as cli_app
 from bayesrm.scoring import Scorer
-from bayesrm.serve import MicroBatcher, ServeConfig, create_app, parse_prometheus, quantile
+from bayesrm.serve import (
+    MicroBatcher,
+    Rejected,
+    ServeConfig,
+    create_app,
+    parse_prometheus,
+    quantile,
+    uvicorn_config,
+)
 
 PROMPT = "question 1 about cats"
 RESPONSES = ["good great", "bad awful rude", "kind clear correct helpful"]
@@ -207,3 +215,90 @@ def test_quantile_and_spec_checks(scorer: Scorer) -> None:
 def test_cli_serve_refuses_unset_key_before_loading(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli_app, ["serve", str(tmp_path / "nope"), "--api-key-env", "BAYESRM_UNSET_KEY_X"])
     assert res.exit_code == 2 and "BAYESRM_UNSET_KEY_X is not set" in res.output
+
+
+# --------------------------------------------------------------------------- abandoned work and time limits
+
+
+def test_abandoned_large_request_is_dropped_and_the_next_does_not_wait(scorer: Scorer) -> None:
+    """A client that sends 200 responses and disconnects must not make a 1-response request wait for them."""
+
+    class Slow:  # 30 ms per response on top of real scoring: the 200 take ≥ 6 s if scored in full
+        spec, model, scored = scorer.spec, scorer.model, 0
+
+        def score(self, prompts: list[str], responses: list[str]) -> Any:
+            Slow.scored += len(responses)
+            time.sleep(0.03 * len(responses))
+            return scorer.score(prompts, responses)
+
+    cfg = ServeConfig(batch_size=4, max_batch_responses=256, max_wait_ms=1)  # scored 16 responses per call
+    body = json.dumps({"prompt": PROMPT, "responses": [f"answer number {i}" for i in range(200)]}).encode()
+    with running(create_app(Slow(), cfg)) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            deadline = time.monotonic() + 20
+            while Slow.scored == 0:  # its scoring has started
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        t0 = time.perf_counter()
+        small = httpx.post(f"{url}/v1/score", json={"prompt": PROMPT, "responses": ["good"]}, timeout=60)
+        waited = time.perf_counter() - t0
+        while _metrics(url).get("bayesrm_client_disconnects_total", 0) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        m = _metrics(url)
+    assert small.status_code == 200
+    assert waited < 3.0, f"the 1-response request waited {waited:.1f} s behind an abandoned request"
+    assert Slow.scored <= 1 + 3 * 16  # at most the chunks under way when the client left, then the small one
+    assert m["bayesrm_client_disconnects_total"] == 1 and m['bayesrm_requests_total{status="499"}'] == 1
+    assert m["bayesrm_errors_total"] == 0 and 'bayesrm_requests_total{status="500"}' not in m
+    assert m["bayesrm_dropped_responses_total"] >= 200 - 3 * 16
+
+
+def test_queue_and_run_time_limits_give_503_and_504_with_retry_after() -> None:
+    def slow(prompts: list[str], responses: list[str]) -> list[dict[str, Any]]:
+        time.sleep(0.6)
+        return [{"reward": 0.0} for _ in responses]
+
+    async def go() -> list[Any]:
+        b = MicroBatcher(slow, max_responses=1, max_wait_s=0.0, max_queue_s=0.2, timeout_s=0.3, retry_after_s=7)
+        b.start()
+        first = asyncio.create_task(b.submit("p", ["a"]))  # runs at once, for 0.6 s > 0.3 s
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(b.submit("p", ["b"]))  # queued behind it for > 0.2 s
+        out = await asyncio.gather(first, second, return_exceptions=True)
+        await b.close()
+        return list(out)
+
+    first, second = asyncio.run(go())
+    assert isinstance(first, Rejected) and first.status == 504 and first.headers == {"Retry-After": "7"}
+    assert isinstance(second, Rejected) and second.status == 503 and second.headers == {"Retry-After": "7"}
+
+
+def test_connection_that_never_finishes_its_headers_is_closed(scorer: Scorer) -> None:
+    cfg = ServeConfig(header_timeout_s=0.5)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(create_app(scorer, cfg), cfg))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(5)
+            s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\n")  # and never the blank line
+            t0 = time.monotonic()
+            assert s.recv(100) == b""  # closed by the server, not by our 5 s timeout
+            assert time.monotonic() - t0 < 3
+        ok = httpx.post(f"http://127.0.0.1:{port}/v1/score", json={"prompt": PROMPT, "responses": ["good"]})
+        assert ok.status_code == 200  # complete requests are unaffected
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

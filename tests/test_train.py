@@ -278,3 +278,23 @@ def test_centering_penalty_and_combined_loss() -> None:
     shift = torch.tensor(0.0, requires_grad=True)
     pair_loss(rw + shift, rl + shift, TrainConfig(center_coef=1.0)).sum().backward()
     assert shift.grad is not None and shift.grad.item() == pytest.approx(2 * 2 * 4.0)  # d/dc Σ(s + 2c)² at c=0
+
+
+def test_train_on_features_equals_train_with_a_frozen_backbone(tiny_cfg, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The fast path reproduces `train`'s frozen-backbone trajectory: same batches, AdamW, schedule, accumulation."""
+    from bayesrm.train import train_on_features
+
+    pairs, ev = toy_pairs(18), toy_pairs(6, seed=9)
+    cfg = TrainConfig(epochs=2, batch_size=4, grad_accum=2, lr=5e-2, warmup_ratio=0.2, margin=0.1, center_coef=0.01,
+                      max_grad_norm=0.5, checkpoint_every=0)
+    slow, fast = (RewardModel(tiny_cfg("bert", freeze_backbone=True)) for _ in range(2))
+    h_slow = train(slow, pairs, cfg, tmp_path / "slow", eval_pairs=ev, show_progress=False)
+    h_fast = train_on_features(fast, pairs, cfg, tmp_path / "fast", eval_pairs=ev, cache_dir=tmp_path / "cache")
+    assert not torch.allclose(fast.head.weight, RewardModel(tiny_cfg("bert", freeze_backbone=True)).head.weight)
+    torch.testing.assert_close(fast.head.weight, slow.head.weight, atol=1e-5, rtol=1e-4)
+    for a, b in zip(h_fast, h_slow, strict=True):
+        assert a["step"] == b["step"]
+        for k in ("train_loss", "eval_accuracy", "eval_nll"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5)
+    again = RewardModel.load(tmp_path / "fast" / "model")
+    torch.testing.assert_close(again.head.weight, fast.head.weight)

@@ -23,6 +23,9 @@ _EXPORTS = {
     "SelectionSpec": "bayesrm.objectives", "parse_spec": "bayesrm.objectives",
     "RunDir": "bayesrm.run",
     "Scorer": "bayesrm.scoring", "Scores": "bayesrm.scoring",
+    "HeadConfig": "bayesrm.config", "pair_features": "bayesrm.features",
+    "fit_head_laplace": "bayesrm.feature_heads", "train_heads": "bayesrm.feature_heads",
+    "bald_bt": "bayesrm.active", "select_top": "bayesrm.active",
 }
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "DataError",
     "EnsembleRewardModel",
     "EvalConfig",
+    "HeadConfig",
     "LaplaceConfig",
     "LaplacePosterior",
     "Pair",
@@ -41,26 +45,34 @@ __all__ = [
     "SelectionSpec",
     "TrainConfig",
     "__version__",
+    "bald_bt",
     "bon_curve",
     "bon_estimate",
     "bon_weights",
     "evaluate",
     "export_model",
+    "fit_head_laplace",
     "fit_laplace",
     "kl_bon",
     "load_pairs",
+    "pair_features",
     "parse_spec",
+    "select_top",
     "split_by_prompt",
     "train_ensemble",
+    "train_heads",
 ]
 
 if TYPE_CHECKING:
+    from bayesrm.active import bald_bt, select_top
     from bayesrm.bon import BonCurve, bon_curve, bon_estimate, bon_weights, kl_bon
-    from bayesrm.config import EvalConfig, LaplaceConfig, TrainConfig
+    from bayesrm.config import EvalConfig, HeadConfig, LaplaceConfig, TrainConfig
     from bayesrm.data import DataError, Pair, load_pairs, split_by_prompt
     from bayesrm.ensemble import EnsembleRewardModel, train_ensemble
     from bayesrm.evaluation import evaluate
     from bayesrm.export import export_model
+    from bayesrm.feature_heads import fit_head_laplace, train_heads
+    from bayesrm.features import pair_features
     from bayesrm.laplace import LaplacePosterior, fit_laplace
     from bayesrm.model import RewardModel, RMConfig
     from bayesrm.objectives import SelectionSpec, parse_spec

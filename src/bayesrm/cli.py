@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -11,9 +10,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from bayesrm.config import EvalConfig, LaplaceConfig, Subset
+from bayesrm.config import EvalConfig, LaplaceConfig, Subset, TrainConfig
 from bayesrm.data import (
     DataError,
     DataFormat,
@@ -24,6 +24,7 @@ from bayesrm.data import (
     save_pairs,
     split_by_prompt,
 )
+from bayesrm.io import check_target
 from bayesrm.progress import progress_bar
 from bayesrm.run import RunDir
 
@@ -31,6 +32,12 @@ app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RM
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+_TC = TrainConfig()  # `bayesrm train` defaults are TrainConfig's
+
+
+def _error(message: str) -> None:
+    """One red line on stderr, never wrapped, the message taken literally (no rich markup)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _friendly(fn: F) -> F:
@@ -41,7 +48,10 @@ def _friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (DataError, ValueError, FileNotFoundError, KeyError) as e:
-            console.print(f"[bold red]error:[/] {e}")
+            _error(str(e))
+            raise typer.Exit(2) from None
+        except OSError as e:  # unreadable input, full disk, …: name the path, no traceback
+            _error(f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -97,19 +107,32 @@ def train_cmd(
     head: Annotated[str, typer.Option(help="linear (BT scalar head) | bnrm (Bayesian non-negative head)")] = "linear",
     bnrm_k: Annotated[int, typer.Option(help="BNRM latent factors K")] = 1024,
     bnrm_eta: Annotated[float, typer.Option(help="BNRM KL weight η")] = 1e-5,
-    freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op)")] = False,
-    epochs: int = 1,
-    lr: float = 2e-4,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    warmup_ratio: float = 0.03,
-    margin: float = 0.0,
-    center_coef: float = 0.0,
+    freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op); with the linear "
+                                                       "head this runs on cached features (--feature-cache)")] = False,
+    feature_cache: Annotated[Path | None, typer.Option(help="--freeze-backbone: where backbone features are cached "
+                                                            "(keyed by weights, template, data)")] = Path(
+        ".cache/features"),
+    epochs: Annotated[int, typer.Option(help="passes over the training pairs")] = _TC.epochs,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate")] = _TC.lr,
+    batch_size: Annotated[int, typer.Option(help="pairs per micro-batch")] = _TC.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = _TC.grad_accum,
+    warmup_ratio: Annotated[float, typer.Option(help="fraction of steps with linear warm-up")] = _TC.warmup_ratio,
+    weight_decay: Annotated[float, typer.Option(help="AdamW decoupled weight decay")] = _TC.weight_decay,
+    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0 disables)")] = _TC.max_grad_norm,
+    margin: Annotated[float, typer.Option(help="BT margin m in −log σ(r_w − r_l − m)")] = _TC.margin,
+    center_coef: Annotated[float, typer.Option(help="weight of the reward-centering term")] = _TC.center_coef,
     lora_seed: int = 0,
-    data_seed: int = 0,
+    data_seed: Annotated[int, typer.Option(help="data order and dropout RNG")] = _TC.data_seed,
     split_seed: int = 0,
-    mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = "no",
-    max_steps: int | None = None,
+    group_by_length: Annotated[bool, typer.Option(help="batches of similar length, in random order")] = (
+        _TC.group_by_length),
+    mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = _TC.mixed_precision,
+    dtype: Annotated[str, typer.Option(help="backbone weights dtype: float32 | bfloat16 | float16")] = "float32",
+    eval_batch_size: Annotated[int, typer.Option(help="responses per evaluation batch")] = _TC.eval_batch_size,
+    checkpoint_every: Annotated[int, typer.Option(help="optimizer steps between atomic checkpoints in OUT/checkpoint "
+                                                       "(0: epoch ends only); a killed run continued with --resume "
+                                                       "loses at most this many")] = _TC.checkpoint_every,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many optimizer steps")] = _TC.max_steps,
     limit: Annotated[int | None, typer.Option(help="use only the first N pairs")] = None,
     sample: Annotated[int | None, typer.Option(help="use a random N pairs (seeded by --split-seed)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint")] = False,
@@ -117,10 +140,19 @@ def train_cmd(
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Train a Bradley–Terry LoRA reward model."""
-    from bayesrm.model import RewardModel, RMConfig
-    from bayesrm.train import TrainConfig, train
+    """Train a Bradley–Terry LoRA reward model.
 
+    Under `accelerate launch --num_processes P` / `torchrun` each optimizer step takes P × --batch-size pairs, split
+    over the processes; rank 0 writes the run directory.
+    """
+    from bayesrm import dist
+    from bayesrm.model import RewardModel, RMConfig
+    from bayesrm.train import train
+
+    rank, size = dist.init_from_launcher()
+    if rank:
+        console.quiet = True  # one process reports
+    check_target(out, want_dir=True)  # before any work: a bad --out is one line, not a failure at the end
     pairs = _load(data, format, field, skip_invalid, limit)
     if sample is not None and sample < len(pairs):
         pairs = [pairs[i] for i in sorted(random.Random(split_seed).sample(range(len(pairs)), sample))]
@@ -131,20 +163,35 @@ def train_cmd(
     mc = RMConfig(backbone=backbone, template=template, max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
                   lora_dropout=lora_dropout, lora_seed=lora_seed,
                   target_modules=target_modules.split(",") if target_modules else None,
-                  head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None,
+                  head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None, dtype=dtype,
                   freeze_backbone=freeze_backbone,
                   extra={"train_data": data, "eval_data": eval_data, "split_seed": split_seed})
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
-                     margin=margin, center_coef=center_coef, data_seed=data_seed, mixed_precision=mixed_precision,
-                     max_steps=max_steps)
+                     weight_decay=weight_decay, max_grad_norm=max_grad_norm, margin=margin, center_coef=center_coef,
+                     data_seed=data_seed, group_by_length=group_by_length, mixed_precision=mixed_precision,
+                     eval_batch_size=eval_batch_size, checkpoint_every=checkpoint_every, max_steps=max_steps)
     model = RewardModel(mc)
-    save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
-    save_pairs(eval_pairs, out / "data" / "eval.jsonl")
-    console.print(f"training on {len(train_pairs)} pairs, evaluating on {len(eval_pairs)} (prompt-disjoint); "
+    if rank == 0:
+        save_pairs(train_pairs, out / "data" / "train.jsonl")  # the exact split, for `laplace` and `eval`
+        save_pairs(eval_pairs, out / "data" / "eval.jsonl")
+    procs = f" in {size} processes (global batch {batch_size * size})" if size > 1 else ""
+    console.print(f"training on {len(train_pairs)} pairs{procs}, evaluating on {len(eval_pairs)} (prompt-disjoint); "
                   f"splits in {out / 'data'}")
-    history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
+    if freeze_backbone and head == "linear" and mixed_precision == "no":  # one backbone pass, then the head
+        from bayesrm.train import train_on_features
+
+        console.print("frozen backbone: training the head on cached features")
+        history = train_on_features(model, train_pairs, tc, out, eval_pairs=eval_pairs, cache_dir=feature_cache,
+                                    log=console.print)
+    else:
+        history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
     _print_metrics("final", history[-1])
     console.print(f"model saved to {out / 'model'}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    """A number formatted with `spec`, or 'n/a' for an undefined (None) one."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _print_metrics(title: str, row: dict[str, Any]) -> None:
@@ -186,8 +233,16 @@ def laplace_cmd(
     """Fit a post-hoc Laplace-LoRA posterior (KFAC GGN of the BT likelihood) and tune the prior precision.
 
     The likelihood is the one the run was trained with (margin, centering: read from RUN/train_config.json).
+    Under `accelerate launch` / `torchrun` each process accumulates the factors of its share of the pairs (one
+    all-reduce sums them); rank 0 tunes τ and saves.
     """
+    import torch
 
+    from bayesrm import dist
+
+    proc, world = dist.init_from_launcher()  # (`rank` is the factors' rank option)
+    if proc:
+        console.quiet = True  # one process reports
     run = RunDir.of(model_dir)
     if not run.has_model:
         raise FileNotFoundError(f"{model_dir}: no trained model here (train one with `bayesrm train`)")
@@ -201,15 +256,22 @@ def laplace_cmd(
     from bayesrm.laplace import fit_laplace
     from bayesrm.model import RewardModel
 
-    model = RewardModel.load(run.model_dir)
+    device = None
+    if world > 1 and torch.cuda.is_available():
+        from accelerate import PartialState
+
+        device = PartialState().device  # this rank's GPU
+    model = RewardModel.load(run.model_dir, device=device)
     if subset is None:
         subset = Subset.HEAD.value if model.config.seq_cls else _LA.subset
     cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
                         prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
                         batch_size=batch_size).for_training(run.train_config())
-    with progress_bar("KFAC fit (pairs)", len(pairs), console) as advance:
+    with progress_bar("KFAC fit (pairs)", len(dist.shard(pairs)), console) as advance:
         post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
-    post.save(run.posterior_dir)
+    if proc == 0:
+        post.save(run.posterior_dir)
+    dist.barrier()
     taus = sorted(post.tau.values())
     console.print(f"posterior (fitted on {len(pairs)} pairs of {data}) saved to {run.posterior_dir}; "
                   f"τ ({cfg.tau_method}, {cfg.prior_structure}): min {taus[0]:.4g}, median {taus[len(taus) // 2]:.4g}, "
@@ -239,13 +301,16 @@ def eval_cmd(
     """Accuracy, NLL, Brier, ECE/MCE, interval coverage, selective prediction and σ's error/OOD AUROC for the MAP
     and the Bayesian predictive (Laplace, BNRM or ensemble), per subset when the data has one."""
     from bayesrm.evaluation import evaluate, render_markdown, summary
-    from bayesrm.io import atomic_write_json
+    from bayesrm.io import atomic_write_json, check_target, json_text
 
     try:
         lv = tuple(float(x) for x in levels.split(","))
     except ValueError:
         raise ValueError(f"--levels expects numbers in (0, 1) separated by commas, got {levels!r}") from None
     cfg = EvalConfig(levels=lv, n_bins=n_bins, n_boot=n_boot, batch_size=batch_size)
+    check_target(out, want_dir=True)
+    if json_out:
+        check_target(json_out)
     pairs = _load(data, format, field, skip_invalid, limit)
     ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit) if ood else []
     report = evaluate(model_dir, pairs, cfg, out, ood_pairs, meta={"data": data, "ood": ood})
@@ -259,7 +324,7 @@ def eval_cmd(
     row = summary(report)
     if json_out:
         atomic_write_json(json_out, row)
-    print(json.dumps(row))
+    print(json_text(row, "<stdout>"))
 
 
 @app.command("export")
@@ -317,6 +382,7 @@ def score_cmd(
     if num_processes < 1 or (shard is not None and num_processes > 1):
         raise ValueError("--num-processes must be ≥ 1 and cannot be combined with --shard")
     spec = str(parse_spec(f"la:{penalty}:k={k}" if uncertainty else (spec or "map")))
+    check_target(out)
     fields = (prompt_field, response_field)
     if threads:
         torch.set_num_threads(threads)
@@ -471,7 +537,7 @@ def explain_cmd(
                   f"{rep['active_theta']} a θ > 0 on some response")
     for f in rep["factors"]:
         t = Table(title=f"factor {f['factor']}: Φ={f['phi']:.4g}, mean θ={f['mean_theta']:.4g}, "
-                        f"active {f['active_frac']:.0%}, r(θ, words)={f['length_corr']:.2f}")
+                        f"active {f['active_frac']:.0%}, r(θ, words)={_fmt(f['length_corr'], '.2f')}")
         for col in ("θ", "words", "prompt", "response"):
             t.add_column(col, justify="right" if col in ("θ", "words") else "left")
         for x in f["top"]:
@@ -500,6 +566,13 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="cpu | cuda:0 … (default: where the model loads)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (warning: no access log)")] = "info",
+    max_queue_s: Annotated[float | None, typer.Option(help="a request not being scored after this long gets 503 "
+                                                           "+ Retry-After (default: ServeConfig's)")] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(help="a request not answered after this long gets 504 "
+                                                                 "+ Retry-After (default: ServeConfig's)")] = None,
+    header_timeout_s: Annotated[float | None, typer.Option(help="close connections that have not sent complete "
+                                                                "headers after this long (default: ServeConfig's)")
+                                ] = None,
 ) -> None:
     """HTTP scoring server: POST /v1/score {prompt, responses} → reward, std, selection; /health, /metrics."""
     import torch
@@ -508,10 +581,12 @@ def serve_cmd(
 
     if threads:
         torch.set_num_threads(threads)
+    limits: dict[str, Any] = {k: v for k, v in (("max_queue_s", max_queue_s), ("request_timeout_s", request_timeout_s),
+                                ("header_timeout_s", header_timeout_s)) if v is not None}
     serve(model_dir, ServeConfig(host=host, port=port, spec=spec, max_batch_responses=max_batch,
                                  max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_responses=max_responses,
                                  max_tokens=max_tokens, api_key_env=api_key_env, batch_size=batch_size,
-                                 log_level=log_level),
+                                 log_level=log_level, **limits),
           device=device)
 
 
@@ -566,6 +641,9 @@ def rlhf_cmd(
     console.print((out / "results.md").read_text())
     done = ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in results["runs"].items())
     console.print(f"results: {out / 'results.json'}, plot: {out / 'rlhf.png'} ({done})")
+
+
+import bayesrm.cli_fast  # noqa: E402, F401 - registers `heads` and `select` on `app`
 
 
 def main() -> None:  # pragma: no cover

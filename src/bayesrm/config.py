@@ -1,4 +1,4 @@
-"""Typed configs of training and of the Laplace fit, with their choices as str Enums validated at construction.
+"""Typed configs (model, training, Laplace fit, fast heads, active labelling), str-Enum choices validated on creation.
 
 This module imports nothing heavy: the CLI reads its defaults from these dataclasses before torch loads.
 """
@@ -35,7 +35,7 @@ class TrainConfig:
 
     epochs: int = 1  # passes over the training pairs
     lr: float = 2e-4  # AdamW learning rate (peak)
-    batch_size: int = 8  # pairs per micro-batch
+    batch_size: int = 8  # pairs per micro-batch and process (global batch: batch_size × processes)
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_ratio: float = 0.03  # fraction of steps with linear warm-up
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -190,11 +190,62 @@ class RMConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RMConfig:
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"format_version"}
+        unknown = set(d) - known - {"format_version", "checksums"}  # metadata saved beside the fields
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
         d = _LEGACY_TRUNCATION | d  # saved before prompt-aware truncation: keep scoring them as they were trained
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class HeadKind(str, Enum):
+    """Architecture of each head."""
+
+    LINEAR = "linear"  # r = wᵀf
+    MLP = "mlp"  # r = w₂ᵀ relu(W₁ᵀf + b₁)
+
+
+class LaplaceParams(str, Enum):
+    """Which head parameters the head-only Laplace posterior covers."""
+
+    LAST = "last"  # the last linear layer (all of a linear head): r is linear in it, so the GGN is the Hessian
+    ALL = "all"  # every head parameter (small MLPs: the dense GGN is P × P)
+
+
+@dataclass
+class HeadConfig:
+    """Heads on frozen features; training is full-data Adam epochs over shuffled mini-batches."""
+
+    kind: str = HeadKind.LINEAR.value  # linear | mlp
+    hidden: int = 64  # MLP width
+    members: int = 1  # ensemble size M (trained together, vectorised)
+    epochs: int = 50  # passes over the training pairs
+    lr: float = 3e-3  # Adam learning rate
+    batch_size: int = 64  # pairs per step
+    l2: float = 1e-3  # Gaussian prior on the head weights: loss = mean BT + (l2/2)·‖θ‖² (MAP)
+    seed: int = 0  # member i uses seed + i for its initialisation and data order
+
+    def __post_init__(self) -> None:
+        self.kind = _choice(HeadKind, self.kind, "kind")
+        for name in ("hidden", "members", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HeadConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.l2 < 0:
+            raise ValueError(f"HeadConfig needs lr > 0 and l2 ≥ 0, got lr={self.lr}, l2={self.l2}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadConfig:
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown head config fields: {sorted(set(d) - known)}")
+        return cls(**d)
+
+
+class SelectBy(str, Enum):
+    """How unlabelled pairs are ranked for labelling."""
+
+    BALD = "bald"  # mutual information between the label and the parameters (expected information gain)
+    SIGMA = "sigma"  # σ_Δ = √Var Δ, the posterior std of the reward difference
+    RANDOM = "random"  # a seeded random order (the baseline)
 
 
 @dataclass

@@ -6,12 +6,14 @@ import csv
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 
 class DataError(ValueError):
@@ -73,11 +75,45 @@ class DataFormat(str, Enum):
 RowOrError = tuple[int, dict[str, Any] | DataError]  # a bad record is yielded, not raised, so it can be skipped
 
 
-def _open_text(path: Path, newline: str | None = None) -> IO[str]:
-    """Open a text file (gzip if it ends in .gz); utf-8-sig so a spreadsheet's BOM is not part of a column name."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
-    return open(path, encoding="utf-8-sig", newline=newline)
+def _raw_lines(p: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a file, gunzipped for .gz; a truncated or corrupt gzip stream is a DataError."""
+    i = 0
+    with gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb") as f:
+        it = iter(f)
+        while True:
+            try:
+                raw = next(it)
+            except StopIteration:
+                return
+            except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+                raise DataError(f"unreadable after line {i}: {_gzip_problem(e)}", file=str(p), line=i + 1) from None
+            i += 1
+            yield i, raw
+
+
+def _gzip_problem(e: BaseException) -> str:
+    if isinstance(e, EOFError):
+        return "the gzip stream ends early (truncated file)"
+    return f"corrupt gzip data ({e})" if isinstance(e, (gzip.BadGzipFile, zlib.error)) else str(e)
+
+
+def _decode(raw: bytes, p: Path, line: int) -> str | DataError:
+    """UTF-8 text of one line (a leading BOM dropped), or the DataError naming the line and column."""
+    try:
+        return raw.decode("utf-8-sig" if line == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        return DataError(f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})", file=str(p), line=line)
+
+
+def _read_text(p: Path) -> str:
+    """A whole text file (gunzipped for .gz); bad UTF-8 or a truncated gzip stream is a DataError naming the line."""
+    lines = []
+    for i, raw in _raw_lines(p):
+        text = _decode(raw, p, i)
+        if isinstance(text, DataError):
+            raise text
+        lines.append(text)
+    return "".join(lines)
 
 
 def _suffix(path: Path) -> str:
@@ -86,19 +122,22 @@ def _suffix(path: Path) -> str:
 
 
 def _iter_jsonl(p: Path) -> Iterator[RowOrError]:
-    with _open_text(p) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, DataError(f"malformed JSON ({e.msg}, column {e.colno})", file=str(p), line=i)
-                continue
-            if not isinstance(row, dict):
-                yield i, DataError(f"expected a JSON object, got {type(row).__name__}", file=str(p), line=i)
-                continue
-            yield i, row
+    for i, raw in _raw_lines(p):
+        line = _decode(raw, p, i)
+        if isinstance(line, DataError):
+            yield i, line
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, DataError(f"malformed JSON ({e.msg}, column {e.colno})", file=str(p), line=i)
+            continue
+        if not isinstance(row, dict):
+            yield i, DataError(f"expected a JSON object, got {type(row).__name__}", file=str(p), line=i)
+            continue
+        yield i, row
 
 
 def _json_array_items(text: str, file: str) -> Iterator[tuple[int, Any]]:
@@ -132,8 +171,7 @@ def _json_array_items(text: str, file: str) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_json(p: Path) -> Iterator[RowOrError]:
-    with _open_text(p) as f:
-        text = f.read()
+    text = _read_text(p)
     if text.lstrip().startswith("["):
         items: Iterable[tuple[int, Any]] = _json_array_items(text, str(p))
     else:
@@ -161,16 +199,14 @@ def _unwrap_json(data: Any, file: str) -> list[Any]:
 
 
 def _iter_csv(p: Path, delimiter: str) -> Iterator[RowOrError]:
-    with _open_text(p, newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        start = 2  # the header is line 1; a quoted field may span several lines
-        for row in reader:
-            if None in row:
-                yield start, DataError(f"{len(row[None])} more values than header columns",
-                                       file=str(p), line=start)
-            else:
-                yield start, dict(row)
-            start = reader.line_num + 1
+    reader = csv.DictReader(io.StringIO(_read_text(p), newline=""), delimiter=delimiter)
+    start = 2  # the header is line 1; a quoted field may span several lines
+    for row in reader:
+        if None in row:
+            yield start, DataError(f"{len(row[None])} more values than header columns", file=str(p), line=start)
+        else:  # a short row leaves its last columns None: missing (CSV has no null)
+            yield start, {k: v for k, v in row.items() if v is not None}
+        start = reader.line_num + 1
 
 
 def _iter_parquet(p: Path) -> Iterator[RowOrError]:
@@ -189,7 +225,9 @@ def _iter_any(path: str | Path) -> Iterator[RowOrError]:
     """Rows of a file, with bad records as `DataError` values so callers can skip them."""
     p = Path(path)
     if not p.is_file():
-        raise DataError("file not found", file=str(p))
+        what = "file not found" if not p.exists() else "is a directory" if p.is_dir() else (
+            "not a regular file (a FIFO, socket or device); inputs are read more than once, give a file")
+        raise DataError(what, file=str(p))
     kind = _suffix(p)
     if kind in (".jsonl", ".ndjson"):
         return _iter_jsonl(p)
@@ -260,9 +298,11 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 def _text(row: Mapping[str, Any], key: str) -> str:
     v = row.get(key)
-    if v is None:
+    if key not in row:
         keys = ", ".join(sorted(map(str, row))[:10])
         raise _RowError(key, f"missing (row has: {keys})")
+    if v is None:
+        raise _RowError(key, "is null, expected text")
     if not isinstance(v, str):
         raise _RowError(key, f"expected text, got {type(v).__name__}")
     return v
@@ -277,8 +317,10 @@ def _hh_pair(row: Mapping[str, Any], fields: Mapping[str, str]) -> Pair:
 
 def _preference(row: Mapping[str, Any]) -> float:
     pref = row.get("preference")
-    if pref is None or pref == "":
+    if "preference" not in row or pref == "":
         raise _RowError("preference", "missing judge preference")
+    if pref is None:
+        raise _RowError("preference", "is null, expected a number in [1, 2]")
     if isinstance(pref, bool):
         raise _RowError("preference", f"expected a number in [1, 2], got {pref!r}")
     try:
@@ -413,9 +455,9 @@ def load_pairs(
 
 def save_pairs(pairs: Iterable[Pair], path: str | Path) -> None:
     """Write pairs as jsonl (atomically)."""
-    from bayesrm.io import atomic_write_text
+    from bayesrm.io import atomic_write_text, jsonl_text
 
-    atomic_write_text(path, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in pairs))
+    atomic_write_text(path, jsonl_text(path, (p.to_dict() for p in pairs)))
 
 
 # --------------------------------------------------------------------------- splits

@@ -1,9 +1,10 @@
 """Reward-model ensembles (Coste et al. 2024; Yang et al. 2024 §4 "LA-Ens"): M LoRA members on one backbone.
 
 Members differ in LoRA/head initialisation (`RMConfig.lora_seed`) and data order (`TrainConfig.data_seed`), set
-separately. `train_ensemble` trains them one after another into `out_dir/member_i/` (ordinary `train()` run
-directories) with a resumable `manifest.json`. `EnsembleRewardModel` loads ONE backbone with M peft adapters
-named `member_i` and M scalar heads, and scores all members on shared tokenisation and batches.
+separately. `train_ensemble` trains them into `out_dir/member_i/` (ordinary `train()` run directories) with a
+resumable `manifest.json`: one after another, or under `accelerate launch` / `torchrun` one member per process.
+`EnsembleRewardModel` loads ONE backbone with M peft adapters named `member_i` and M scalar heads, and scores all
+members on shared tokenisation and batches.
 
 BT rewards are defined only up to a shift and a scale per member, so aggregates across members (min, variance,
 LA-Ens sums) need each member standardised on a fixed reference set (overoptimisation note §8). The statistics
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from enum import Enum
 from pathlib import Path
@@ -25,12 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesrm import dist
 from bayesrm.batching import scoring_batches
-from bayesrm.data import Pair, pairs_fingerprint
+from bayesrm.data import DataError, Pair, pairs_fingerprint
 from bayesrm.heads import Head, LinearHead
+from bayesrm.integrity import load_tensors, one_line, require_finite, verify_checksums
 from bayesrm.io import atomic_write_json
 from bayesrm.laplace import LaplacePosterior
 from bayesrm.model import (
+    ADAPTER_NAME,
     CONFIG_NAME,
     HEAD_NAME,
     INIT_NAME,
@@ -39,6 +44,7 @@ from bayesrm.model import (
     RMConfig,
     is_encoder,
     load_backbone,
+    read_config,
 )
 from bayesrm.objectives import reference_stats, standardize, standardize_var
 from bayesrm.run import MANIFEST_NAME, MODEL_DIR, RunDir, find_model_dir
@@ -100,7 +106,11 @@ def train_ensemble(
     log: Callable[[str], None] | None = None,
     standardize_on_train: bool = True,
 ) -> list[Path]:
-    """Train M members into `out_dir/member_i/` one after another; returns the member run directories.
+    """Train M members into `out_dir/member_i/`; returns the member run directories.
+
+    In one process the members train one after another. Under P processes (`accelerate launch`, `torchrun`) the
+    unfinished members train in waves of P, one member per process (each an ordinary one-process `train()` run,
+    so the weights are those of the sequential run); rank 0 writes the manifest after every wave.
 
     Seeds default to `cfg.lora_seed + i` and `train_cfg.data_seed + i` (`train()` also seeds dropout from the data
     seed, so a rerun reproduces the weights exactly). With `resume=True`, finished members are skipped, an
@@ -125,36 +135,61 @@ def train_ensemble(
                      "status": MemberStatus.PENDING.value} for i in range(members)],
     }
     path = out / MANIFEST_NAME
-    if resume and path.exists():
-        old = json.loads(path.read_text())
-        _check_resumable(old, manifest, out)
-        for i, e in enumerate(old["entries"]):
-            manifest["entries"][i] = e
-    atomic_write_json(path, manifest)
-    dirs = []
-    for i, entry in enumerate(manifest["entries"]):
-        mdir = out / entry["path"]
-        dirs.append(mdir)
-        if resume and entry["status"] == MemberStatus.DONE.value and (mdir / MODEL_DIR / CONFIG_NAME).exists():
-            if log is not None:
+    refused = None
+    if dist.is_main():
+        try:
+            if resume and path.exists():
+                old = json.loads(path.read_text())
+                _check_resumable(old, manifest, out)
+                for i, e in enumerate(old["entries"]):
+                    manifest["entries"][i] = e
+            atomic_write_json(path, manifest)
+        except ValueError as e:
+            refused = str(e)
+    manifest, refused = dist.broadcast((manifest, refused))  # every rank continues, or every rank raises
+    if refused is not None:
+        raise ValueError(refused)
+    entries = manifest["entries"]
+    dirs = [out / e["path"] for e in entries]
+    todo = []
+    for i, entry in enumerate(entries):
+        if resume and entry["status"] == MemberStatus.DONE.value and (dirs[i] / MODEL_DIR / CONFIG_NAME).exists():
+            if log is not None and dist.is_main():
                 log(f"{entry['name']}: done, skipped")
-            continue
-        mc = replace(cfg, lora_seed=entry["lora_seed"],
-                     target_modules=None if cfg.target_modules is None else list(cfg.target_modules),
-                     extra=dict(cfg.extra) | {"ensemble_member": i, "data_seed": entry["data_seed"]})
-        tc = replace(train_cfg, data_seed=entry["data_seed"])
-        if log is not None:
-            log(f"{entry['name']}: training (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
-        entry["status"] = MemberStatus.RUNNING.value
-        atomic_write_json(path, manifest)
-        history = train(RewardModel(mc), pairs, tc, mdir, eval_pairs=eval_pairs, resume=resume,
-                        show_progress=show_progress)
-        entry["status"] = MemberStatus.DONE.value
-        entry["final_metrics"] = history[-1] if history else {}
-        atomic_write_json(path, manifest)
+        else:
+            todo.append(i)
+    rank, size = dist.world()
+    for start in range(0, len(todo), size):
+        wave = todo[start:start + size]  # member wave[r] trains on rank r
+        for i in wave:
+            entries[i]["status"] = MemberStatus.RUNNING.value
+        if dist.is_main():
+            atomic_write_json(path, manifest)
+        final: dict[str, Any] | None = None
+        if rank < len(wave):
+            i = wave[rank]
+            entry = entries[i]
+            mc = replace(cfg, lora_seed=entry["lora_seed"],
+                         target_modules=None if cfg.target_modules is None else list(cfg.target_modules),
+                         extra=dict(cfg.extra) | {"ensemble_member": i, "data_seed": entry["data_seed"]})
+            tc = replace(train_cfg, data_seed=entry["data_seed"])
+            if log is not None:
+                where = f" on rank {rank}" if size > 1 else ""
+                log(f"{entry['name']}: training{where} (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
+            with dist.solo() if size > 1 else nullcontext():
+                history = train(RewardModel(mc), pairs, tc, dirs[i], eval_pairs=eval_pairs, resume=resume,
+                                show_progress=show_progress and size == 1)
+            final = history[-1] if history else {}
+        for i, metrics in zip(wave, dist.gather(final), strict=False):
+            entries[i]["status"] = MemberStatus.DONE.value
+            entries[i]["final_metrics"] = metrics
+        if dist.is_main():
+            atomic_write_json(path, manifest)
     if standardize_on_train and STANDARDIZATION_KEY not in manifest:
-        prompts, responses = reference_responses(pairs)
-        fit_standardization(out, prompts, responses, source=f"training responses ({len(responses)})")
+        if dist.is_main():  # scores every member once on the reference responses, then writes the manifest
+            prompts, responses = reference_responses(pairs)
+            fit_standardization(out, prompts, responses, source=f"training responses ({len(responses)})")
+        dist.barrier()
     return dirs
 
 
@@ -237,6 +272,8 @@ def _posterior_for(post: LaplacePosterior, adapter: str) -> LaplacePosterior:
     blocks = {_rename_adapter(k, adapter): b for k, b in post.blocks.items()}
     out = LaplacePosterior(blocks, post.cfg, post.n_data, post.log_lik)
     out.tau = {_rename_adapter(k, adapter): t for k, t in post.tau.items()}
+    out.head, out.source = post.head, post.source
+    out.fitted_pairs, out.data_fingerprint = post.fitted_pairs, post.data_fingerprint
     return out
 
 
@@ -305,16 +342,14 @@ class EnsembleRewardModel(nn.Module):
              ) -> EnsembleRewardModel:
         """Load an ensemble dir (manifest.json or member_* dirs) or a list of member dirs onto one backbone."""
         from peft import PeftModel
-        from safetensors.torch import load_file
 
         dirs = _member_dirs(source)
         model_dirs = [find_model_dir(d) for d in dirs]
         configs = []
         for md in model_dirs:
-            try:
-                configs.append(RMConfig.from_dict(json.loads((md / CONFIG_NAME).read_text())))
-            except (json.JSONDecodeError, ValueError, TypeError) as e:
-                raise ValueError(f"{md / CONFIG_NAME}: {e}") from None
+            cfg, meta = read_config(md)
+            verify_checksums(md, meta, md / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
+            configs.append(cfg)
         if any(c.head != Head.LINEAR.value for c in configs):
             raise ValueError(f"{source}: ensembles of '{configs[0].head}' heads are not supported (members share one "
                              "backbone with linear BT heads); score BNRM members one at a time")
@@ -324,15 +359,26 @@ class EnsembleRewardModel(nn.Module):
                 raise ValueError(f"ensemble members differ in '{f}' ({vals}); they must share one backbone setup")
         names = [member_name(i) for i in range(len(dirs))]
         base, tok = load_backbone(configs[0])
-        peft = PeftModel.from_pretrained(base, str(model_dirs[0]), adapter_name=names[0])
-        for name, md in zip(names[1:], model_dirs[1:], strict=True):
-            peft.load_adapter(str(md), adapter_name=name)
+        peft: Any = base
+        for name, md in zip(names, model_dirs, strict=True):
+            try:
+                if peft is base:
+                    peft = PeftModel.from_pretrained(base, str(md), adapter_name=name)
+                else:
+                    peft.load_adapter(str(md), adapter_name=name)
+            except Exception as e:  # peft raises RuntimeError (size mismatch), SafetensorError, OSError, ValueError
+                raise DataError(f"adapter does not load: {one_line(e)}", file=str(md / ADAPTER_NAME)) from None
         hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
         heads = nn.ModuleDict({n: LinearHead(hidden) for n in names})
         inits = []
         for name, md in zip(names, model_dirs, strict=True):
-            heads[name].load_state_dict(load_file(str(md / HEAD_NAME)))
-            raw = load_file(str(md / INIT_NAME)) if (md / INIT_NAME).exists() else {}
+            head = load_tensors(md / HEAD_NAME)
+            require_finite(head, md / HEAD_NAME)
+            try:
+                heads[name].load_state_dict(head)
+            except RuntimeError as e:
+                raise DataError(f"does not fit a linear head: {one_line(e)}", file=str(md / HEAD_NAME)) from None
+            raw = load_tensors(md / INIT_NAME) if (md / INIT_NAME).exists() else {}
             inits.append({_rename_adapter(k, name): v for k, v in raw.items()})
         heads.requires_grad_(False)
         model = cls(configs, peft, heads, tok, inits, dirs)

@@ -412,8 +412,7 @@ class PairPredictor:
                 self.kind = "bnrm"
             elif post is not None:
                 self.kind = "laplace"
-                self.posteriors = [LaplacePosterior.load(post)]
-                self.posteriors[0].check_matches(self.model)
+                self.posteriors = [LaplacePosterior.load(post, self.model)]  # checked against the model
             else:
                 self.kind = "map"
 

@@ -7,7 +7,6 @@ model on a disjoint set of evaluation prompts, then the unbiased BoN estimator f
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -158,8 +157,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
         model = RewardModel.load(mdir)
         run = RunDir.of(mdir)
         if run.find_posterior() is not None:
-            post = LaplacePosterior.load(run.require_posterior())
-            post.check_matches(model)
+            post = LaplacePosterior.load(run.require_posterior(), model)  # checked against the model
         else:
             log(f"member {i}: fitting Laplace-LoRA on {len(train_pairs)} pairs")
             with progress_bar("laplace fit (pairs)", len(train_pairs)) as advance:
@@ -226,7 +224,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     return results
 
 
-def _within_prompt_corr(proxy: list[list[float]], gold: list[list[float]]) -> float:
+def _within_prompt_corr(proxy: list[list[float]], gold: list[list[float]]) -> float | None:
     """Mean over prompts of the Spearman correlation between proxy and gold within a pool (note §8)."""
     from scipy.stats import spearmanr
 
@@ -234,10 +232,10 @@ def _within_prompt_corr(proxy: list[list[float]], gold: list[list[float]]) -> fl
     for p, g in zip(proxy, gold, strict=True):
         if np.std(p) > 0 and np.std(g) > 0:
             vals.append(float(spearmanr(p, g).statistic))
-    return float(np.mean(vals)) if vals else math.nan
+    return float(np.mean(vals)) if vals else None  # undefined: no pool with spread in both
 
 
-def results_table(curves: list[BonCurve], corr: float) -> str:
+def results_table(curves: list[BonCurve], corr: float | None) -> str:
     """Markdown table: gold at n=1, at the largest n, and the best gold with its KL, per method."""
     lines = ["| method | gold n=1 | gold n=max (KL) | best gold (KL) | proxy n=max |", "|---|---|---|---|---|"]
     for c in curves:
@@ -245,7 +243,8 @@ def results_table(curves: list[BonCurve], corr: float) -> str:
         lines.append(f"| {c.name} | {c.gold[0]:.4f} | {c.gold[-1]:.4f} ± {(c.gold_hi[-1] - c.gold_lo[-1]) / 2:.4f} "
                      f"({c.kl[-1]:.2f}) | {c.gold[b]:.4f} ({c.kl[b]:.2f}) | {c.proxy[-1]:.3f} |")
     lines.append("")
-    lines.append(f"Within-prompt Spearman(proxy MAP, gold) on the evaluation pools: {corr:.3f}")
+    lines.append("Within-prompt Spearman(proxy MAP, gold) on the evaluation pools: "
+                 + ("n/a" if corr is None else f"{corr:.3f}"))
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,10 +11,11 @@ import torch.nn.functional as F
 from bayesrm.model import RewardModel
 
 
-def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson correlation; None when undefined (a constant x or y), so JSON gets null, not NaN."""
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     den = float(x.norm() * y.norm())
-    return float(x @ y) / den if den > 0 else math.nan
+    return float(x @ y) / den if den > 0 else None
 
 
 def explain_factors(model: RewardModel, prompts: Sequence[str], responses: Sequence[str], top_k: int = 10,

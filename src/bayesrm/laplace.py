@@ -33,10 +33,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from bayesrm import dist
 from bayesrm.batching import pair_batches, scoring_batches
 from bayesrm.config import KFACVariant, LaplaceConfig, PriorStructure, Subset, TauMethod
-from bayesrm.data import Pair, pair_hash, pairs_fingerprint
-from bayesrm.io import atomic_dir
+from bayesrm.data import DataError, Pair, pair_hash, pairs_fingerprint
+from bayesrm.integrity import (
+    CHECKSUMS_KEY,
+    load_tensors,
+    require_finite,
+    require_positive,
+    tensor_checksums,
+    verify_checksums,
+)
+from bayesrm.io import atomic_dir, json_text
 from bayesrm.losses import bt_ggn_weight, pair_nll
 from bayesrm.model import RewardModel
 from bayesrm.run import POSTERIOR_META, RunDir
@@ -241,6 +250,8 @@ class LaplacePosterior:
         self.log_lik = log_lik
         self.tau: dict[str, float] = {k: cfg.prior_precision for k in blocks}
         self._grids = {k: b.grid() for k, b in blocks.items()}
+        self.head: torch.Tensor | None = None  # the model's head weight at the fit (check_matches compares it)
+        self.source: Path | None = None  # the directory it was loaded from (named in errors)
         self.fitted_pairs: torch.Tensor | None = None  # (n_data,) int64 `pair_hash` of each pair it was fitted on
         self.data_fingerprint: str | None = None  # `pairs_fingerprint` of those pairs
 
@@ -361,6 +372,10 @@ class LaplacePosterior:
         assert total is not None
         return total, S_all
 
+    def jacobian_variance(self, Js: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Var = J Σ Jᵀ per row from Jacobians per block, (B, o, i) each (§7), and the τ-independent grids S."""
+        return self._variance_from(Js, None)
+
     def predict(self, model: RewardModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Linearised predictive N(r_MAP, J Σ Jᵀ) per response (§7): (mean (N,), var (N,)) in input order."""
@@ -413,47 +428,98 @@ class LaplacePosterior:
         if self.fitted_pairs is not None:
             tensors["fitted_pairs"] = self.fitted_pairs.contiguous()
         for i, (k, b) in enumerate(self.blocks.items()):
-            for f in ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0"):
+            for f in _TENSORS:
                 tensors[f"{i}.{f}"] = getattr(b, f).contiguous()
             meta["blocks"][k] = {"index": i, "g_rho": b.g_rho, "a_rho": b.a_rho}
+        if self.head is not None and HEAD_KEY not in self.blocks:
+            tensors[HEAD_KEY] = self.head.contiguous()
         with atomic_dir(path) as tmp:
-            save_file(tensors, str(tmp / "posterior.safetensors"))
-            (tmp / POSTERIOR_META).write_text(json.dumps(meta, indent=2) + "\n")
+            save_file(tensors, str(tmp / POSTERIOR_FILE))
+            meta[CHECKSUMS_KEY] = tensor_checksums(tmp)
+            (tmp / POSTERIOR_META).write_text(json_text(meta, Path(path) / POSTERIOR_META, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> LaplacePosterior:
-        """Load a posterior written by `save`."""
-        from safetensors.torch import load_file
-
+    def load(cls, path: str | Path, model: RewardModel | None = None) -> LaplacePosterior:
+        """Load, verify (checksums, finite tensors, shapes, eigenvalues ≥ 0, τ > 0) and, given `model`, check it."""
         p = Path(path)
         if not (p / POSTERIOR_META).exists():  # a run or model directory: its posterior
             p = RunDir.of(p).find_posterior() or p
-        if not (p / POSTERIOR_META).exists():
+        meta_file, tensor_file = p / POSTERIOR_META, p / POSTERIOR_FILE
+        if not meta_file.is_file():
             raise FileNotFoundError(f"{p}: no Laplace posterior ({POSTERIOR_META}) here; run `bayesrm laplace` first")
-        meta = json.loads((p / POSTERIOR_META).read_text())
-        t = load_file(str(p / "posterior.safetensors"))
-        blocks = {}
-        for k, info in meta["blocks"].items():
-            i = info["index"]
-            blocks[k] = KronBlock(t[f"{i}.g_vals"], t[f"{i}.g_vecs"], info["g_rho"], t[f"{i}.a_vals"],
-                                  t[f"{i}.a_vecs"], info["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
-        post = cls(blocks, LaplaceConfig(**meta["config"]), meta["n_data"], meta["log_lik"])
-        post.tau = {k: float(v) for k, v in meta["tau"].items()}
-        post.fitted_pairs = t.get("fitted_pairs")
-        post.data_fingerprint = meta.get("data_fingerprint")
+        try:
+            meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+            verify_checksums(p, meta, meta_file, required=(POSTERIOR_FILE,))
+            t = load_tensors(tensor_file)
+            require_finite(t, tensor_file)
+            blocks = {}
+            for k, info in meta["blocks"].items():
+                i = info["index"]
+                rho = {r: require_positive(info[r], f"block {k}: {r}", meta_file, allow_zero=True)
+                       for r in ("g_rho", "a_rho")}
+                blk = KronBlock(t[f"{i}.g_vals"], t[f"{i}.g_vecs"], rho["g_rho"], t[f"{i}.a_vals"],
+                                t[f"{i}.a_vecs"], rho["a_rho"], t[f"{i}.theta"], t[f"{i}.mu0"])
+                _check_block(k, blk, tensor_file)
+                blocks[k] = blk
+            cfg = LaplaceConfig(**meta["config"])
+            require_positive(cfg.temperature, "config.temperature", meta_file)
+            post = cls(blocks, cfg, meta["n_data"], meta["log_lik"])
+            tau = meta["tau"]
+            if not isinstance(tau, dict) or set(tau) != set(blocks):
+                raise DataError("'tau' must give one prior precision per block", file=str(meta_file))
+            post.tau = {k: require_positive(v, f"tau of {k}", meta_file) for k, v in tau.items()}
+            post.head = t.get(HEAD_KEY) if HEAD_KEY not in blocks else None
+            post.fitted_pairs = t.get("fitted_pairs")
+            post.data_fingerprint = meta.get("data_fingerprint")
+        except DataError:
+            raise
+        except KeyError as e:
+            raise DataError(f"missing entry {e}", file=str(meta_file if e.args[0] in _META_ENTRIES else tensor_file)
+                            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            raise DataError(f"malformed ({e})", file=str(meta_file)) from None
+        post.source = p
+        if model is not None:
+            post.check_matches(model)
         return post
 
     def check_matches(self, model: RewardModel, atol: float = 1e-6) -> None:
-        """Raise if the model's LoRA weights are not the MAP this posterior was fitted at (linear heads only)."""
+        """Raise if the model's LoRA weights (and head) are not the MAP this posterior was fitted at (linear heads)."""
+        where = str(self.source) if self.source is not None else None
         params = {k: p.detach() for k, p in model.named_parameters()} | {HEAD_KEY: head_theta(model)}
         for k, b in self.blocks.items():
             if k not in params:
-                raise ValueError(f"posterior tensor {k} not found in the model")
+                raise DataError(f"posterior tensor {k} not found in the model; it belongs to another model",
+                                file=where)
             if tuple(params[k].shape) != tuple(b.theta.shape):
-                raise ValueError(f"posterior tensor {k} has shape {tuple(b.theta.shape)}, the model's "
-                                 f"{tuple(params[k].shape)}; refit the posterior (`bayesrm laplace`)")
+                raise DataError(f"posterior tensor {k} has shape {tuple(b.theta.shape)}, the model's "
+                                f"{tuple(params[k].shape)}; refit the posterior (`bayesrm laplace`)", file=where)
             if not torch.allclose(params[k].double().cpu(), b.theta.double(), atol=atol):
-                raise ValueError(f"model weights differ from the posterior's MAP at {k}; refit the posterior")
+                raise DataError(f"model weights differ from the posterior's MAP at {k}; refit the posterior",
+                                file=where)
+        if self.head is not None and (self.head.shape != params[HEAD_KEY].shape or not torch.allclose(
+                params[HEAD_KEY].double().cpu(), self.head.double(), atol=atol)):
+            raise DataError("model head differs from the one the posterior was fitted with; refit the posterior",
+                            file=where)
+
+
+_TENSORS = ("g_vals", "g_vecs", "a_vals", "a_vecs", "theta", "mu0")
+_META_ENTRIES = ("blocks", "config", "n_data", "log_lik", "tau", "index", "g_rho", "a_rho")
+POSTERIOR_FILE = "posterior.safetensors"
+
+
+def _check_block(name: str, b: KronBlock, file: Path) -> None:
+    """DataError unless the block's shapes agree (vals (k,), vecs (d, k), θ and μ0 (o, i)) and eigenvalues are ≥ 0."""
+    o, i = b.shape
+    ok = (b.g_vals.dim() == 1 and b.a_vals.dim() == 1 and b.g_vecs.dim() == 2 and b.a_vecs.dim() == 2
+          and b.g_vecs.shape[1] == b.g_vals.numel() and b.a_vecs.shape[1] == b.a_vals.numel()
+          and tuple(b.theta.shape) == (o, i) and tuple(b.mu0.shape) == (o, i))
+    if not ok:
+        raise DataError(f"block {name}: inconsistent tensor shapes", file=str(file))
+    if bool((b.g_vals < 0).any()) or bool((b.a_vals < 0).any()):
+        raise DataError(f"block {name}: negative curvature eigenvalues", file=str(file))
 
 
 def _require_linear_head(model: RewardModel) -> nn.Linear:
@@ -467,9 +533,16 @@ def _require_linear_head(model: RewardModel) -> nn.Linear:
 # --------------------------------------------------------------------------- fitting
 
 
+def _sum_device(model: RewardModel) -> torch.device:
+    """Where fp64 curvature sums accumulate: the model's GPU (one copy to the host at the end instead of one per
+    batch: 17 GB of d × d factors per batch at 7B), else the CPU (MPS has no fp64)."""
+    return model.device if model.device.type == "cuda" else torch.device("cpu")
+
+
 def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant | str = KFACVariant.PAIR,
                  batch_size: int = 8, progress: Callable[[int], None] | None = None, margin: float = 0.0,
-                 center_coef: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+                 center_coef: float = 0.0, reduce: Callable[[Any], Any] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """KFAC factors G_m, A_m with G ⊗ A ≈ the exact BT GGN block Σ_n Λ_n vec(J_Δ)vec(J_Δ)ᵀ (§3), and log p(D|θ*).
 
     Λ_n = `bt_ggn_weight`(Δ_n, m). PAIR: with J̃_n = √Λ_n J_Δ,n = Σ_{s,t} g aᵀ (o × i), G = Σ_n J̃ J̃ᵀ and
@@ -479,14 +552,16 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
     prompt makes large; with centering, the rows √(2c)·(J_w + J_l) join the J̃. REDUCE (one backward of
     Σ_n stopgrad(√Λ_n)·Δ_n, so hooks see g = √Λ_n · c_s · δ): G = Σ_{n,s} ĝ ĝᵀ, A = (1/2N) Σ ā āᵀ with
     ĝ = Σ_t g_t, ā = mean over real tokens of a_t. EXPAND: G = Σ_{n,s,t} g gᵀ, A = (1/M) Σ a aᵀ over M real tokens.
+    `reduce` (e.g. `dist.all_reduce_sum`) sums every accumulated statistic over processes before A is normalised.
     """
     var = KFACVariant(variant)
     if center_coef and var is not KFACVariant.PAIR:
         raise ValueError(f"the centering curvature needs kfac='pair', got {var.value!r}")
     modules = lora_modules(model)
     model.eval()
-    G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double) for k, m in modules.items()}
-    A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double) for k, m in modules.items()}
+    dev = _sum_device(model)
+    G = {k: torch.zeros(m.out_features, m.out_features, dtype=torch.double, device=dev) for k, m in modules.items()}
+    A = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.double, device=dev) for k, m in modules.items()}
     norm = dict.fromkeys(modules, 0.0)  # what A is divided by: rows, tokens, or Σ ‖J̃‖² (PAIR)
     log_lik = 0.0
     for B, x, m in pair_batches(model, pairs, batch_size):
@@ -506,34 +581,40 @@ def kfac_factors(model: RewardModel, pairs: Sequence[Pair], variant: KFACVariant
                 J = lam.to(Jr.device) * (Jr[:B] - Jr[B:])  # J̃ = √Λ (J_w − J_l)
                 if center_coef:
                     J = torch.cat([J, math.sqrt(2.0 * center_coef) * (Jr[:B] + Jr[B:])])  # √(2c) J_s
-                G[k] += torch.einsum("boi,bpi->op", J, J).cpu()
-                A[k] += torch.einsum("boi,boj->ij", J, J).cpu()
+                G[k] += torch.einsum("boi,bpi->op", J, J)
+                A[k] += torch.einsum("boi,boj->ij", J, J)
                 norm[k] += float(J.square().sum())
             elif var is KFACVariant.REDUCE:
                 gh = g[k].sum(1).double()  # (2B, o)
                 ab = a[k].sum(1).double() / mask.sum(1, keepdim=True)  # (2B, i)
-                G[k] += (gh.T @ gh).cpu()
-                A[k] += (ab.T @ ab).cpu()
+                G[k] += gh.T @ gh
+                A[k] += ab.T @ ab
                 norm[k] += 2 * B
             else:
                 gt = g[k].reshape(-1, g[k].shape[-1]).double()  # (2B·T, o)
                 at = a[k].reshape(-1, a[k].shape[-1]).double()  # (2B·T, i)
-                G[k] += (gt.T @ gt).cpu()
-                A[k] += (at.T @ at).cpu()
+                G[k] += gt.T @ gt
+                A[k] += at.T @ at
                 norm[k] += float(mask.sum())
         if progress is not None:
             progress(B)
+    G, A = {k: v.cpu() for k, v in G.items()}, {k: v.cpu() for k, v in A.items()}
+    if reduce is not None:  # each process holds sums over its shard of the pairs
+        G, A, norm, log_lik = reduce((G, A, norm, log_lik))
     for k in A:
         A[k] /= norm[k] if norm[k] > 0 else 1.0
     return G, A, log_lik
 
 
 def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
-             progress: Callable[[int], None] | None = None, margin: float = 0.0, center_coef: float = 0.0
-             ) -> tuple[torch.Tensor, float]:
-    """Exact BT GGN of the head weight Σ_n Λ_n Δφ Δφᵀ + 2c Σ_n (φ_w + φ_l)(φ_w + φ_l)ᵀ, φ = f (§2); log p(D|θ*)."""
+             progress: Callable[[int], None] | None = None, margin: float = 0.0, center_coef: float = 0.0,
+             reduce: Callable[[Any], Any] | None = None) -> tuple[torch.Tensor, float]:
+    """Exact BT GGN of the head weight Σ_n Λ_n Δφ Δφᵀ + 2c Σ_n (φ_w + φ_l)(φ_w + φ_l)ᵀ, φ = f (§2); log p(D|θ*).
+
+    `reduce` sums the GGN and log-likelihood over processes (each holding its shard of the pairs)."""
     model.eval()
-    ggn: torch.Tensor | None = None
+    d = _require_linear_head(model).in_features
+    ggn = torch.zeros(d, d, dtype=torch.double, device=_sum_device(model))
     log_lik = 0.0
     for B, x, m in pair_batches(model, pairs, batch_size):
         r, phi = head_features(model, x, m)  # (2B,), (2B, d)
@@ -543,11 +624,13 @@ def head_ggn(model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8,
         if center_coef:
             sphi = (phi[:B] + phi[B:]).double()
             part = part + 2.0 * center_coef * sphi.T @ sphi
-        ggn = part.cpu() if ggn is None else ggn + part.cpu()
+        ggn += part
         log_lik += float(-pair_nll(r[:B], r[B:], margin, center_coef).double().sum())
         if progress is not None:
             progress(B)
-    assert ggn is not None
+    ggn = ggn.cpu()
+    if reduce is not None:
+        ggn, log_lik = reduce((ggn, log_lik))
     return ggn, log_lik
 
 
@@ -559,29 +642,36 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
     `cfg.subset="lora"`: KFAC blocks over every LoRA tensor (`kfac_factors`). `"head"`: the exact GGN over the
     scalar head's weight (`head_ggn`), full d² covariance, prior mean at the head's initialisation. `init_lora`
     gives the LoRA weights at initialisation (prior mean of A under prior_mean='init'); by default the model's
-    saved initial adapter is used when it has one, else 0.
+    saved initial adapter is used when it has one, else 0. Under several processes (`accelerate launch`,
+    `torchrun`; see `bayesrm.dist`) each accumulates the statistics of its shard of `pairs`, one all-reduce sums
+    them, and rank 0 tunes τ for all: every rank returns the posterior of the whole data.
     """
     cfg = cfg or LaplaceConfig()
     _require_linear_head(model)
     if not pairs:
         raise ValueError("fit_laplace needs at least one training pair")
     if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN
-        ggn, log_lik = head_ggn(model, pairs, cfg.batch_size, progress, cfg.margin, cfg.center_coef)
+        ggn, log_lik = head_ggn(model, dist.shard(pairs), cfg.batch_size, progress, cfg.margin, cfg.center_coef,
+                                reduce=dist.all_reduce_sum)
         av, aU, _ = factor_eig(ggn)
         theta = head_theta(model).double().cpu()  # (1, d)
         one = torch.ones(1, dtype=torch.double)
         blocks = {HEAD_KEY: KronBlock(one, torch.ones(1, 1, dtype=torch.double), 0.0, av, aU, 0.0, theta,
                                       head_prior_mean(model, cfg))}
         return _tune(_posterior(blocks, cfg, pairs, log_lik), model, val_pairs)
-    G, A, log_lik = kfac_factors(model, pairs, cfg.kfac, cfg.batch_size, progress, cfg.margin, cfg.center_coef)
+    G, A, log_lik = kfac_factors(model, dist.shard(pairs), cfg.kfac, cfg.batch_size, progress, cfg.margin,
+                                 cfg.center_coef, reduce=dist.all_reduce_sum)
     params = dict(model.named_parameters())
     init = init_lora if init_lora is not None else getattr(model, "lora_init", None) or {}
     blocks = {}
+
+    def eig(k: str) -> tuple[tuple[torch.Tensor, torch.Tensor, float], ...]:
+        return tuple(factor_eig(F_, cfg.rank if F_.shape[0] >= cfg.lowrank_threshold else None, cfg.trace_complement)
+                     for F_ in (G[k], A[k]))
+
+    eigs = dist.spread(eig, list(G))  # each process decomposes 1/P of the blocks
     for k in G:
-        rank_g = cfg.rank if G[k].shape[0] >= cfg.lowrank_threshold else None
-        rank_a = cfg.rank if A[k].shape[0] >= cfg.lowrank_threshold else None
-        gv, gU, grho = factor_eig(G[k], rank_g, cfg.trace_complement)
-        av, aU, arho = factor_eig(A[k], rank_a, cfg.trace_complement)
+        (gv, gU, grho), (av, aU, arho) = eigs[k]
         theta = params[k].detach().double().cpu()
         if cfg.prior_mean == "init" and ".lora_A." in k and k in init:
             mu0 = init[k].detach().double().cpu()
@@ -599,7 +689,11 @@ def _posterior(blocks: dict[str, KronBlock], cfg: LaplaceConfig, pairs: Sequence
 
 
 def _tune(post: LaplacePosterior, model: RewardModel, val_pairs: Sequence[Pair]) -> LaplacePosterior:
-    """Choose τ with the configured method (validation pairs only for val_nll)."""
+    """Choose τ with the configured method (validation pairs only for val_nll); rank 0 tunes, every rank gets τ."""
     use_val = TauMethod(post.cfg.tau_method) is TauMethod.VAL_NLL and bool(val_pairs)
-    post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val else None)
+    if dist.is_main():
+        post.optimize_prior_precision(val_data=post.pair_cache(model, val_pairs, post.cfg.batch_size) if use_val
+                                      else None)
+    post.tau = dist.broadcast(post.tau)
+    post.head = head_theta(model).double().cpu()
     return post

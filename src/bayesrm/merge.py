@@ -34,7 +34,19 @@ from typing import Any
 
 import torch
 
-from bayesrm.model import CONFIG_NAME, HEAD_NAME, INIT_NAME, RewardModel, RMConfig, find_model_dir
+from bayesrm.data import DataError
+from bayesrm.integrity import load_tensors, verify_checksums
+from bayesrm.io import json_text
+from bayesrm.model import (
+    ADAPTER_NAME,
+    CONFIG_NAME,
+    HEAD_NAME,
+    INIT_NAME,
+    RewardModel,
+    RMConfig,
+    find_model_dir,
+    read_config,
+)
 
 MERGE_LOG_NAME = "merge.json"
 SHARED_FIELDS = ("backbone", "gguf_file", "dtype", "template", "max_length", "pooling")  # must match to merge
@@ -387,19 +399,19 @@ class Member:
 
 def read_member(path: str | Path) -> Member:
     """Config, LoRA adapter (by module name), head and initial A of a saved `RewardModel`."""
-    from safetensors.torch import load_file
-
     p = find_model_dir(path)
-    if not (p / CONFIG_NAME).exists():
-        raise FileNotFoundError(f"{p}: not a bayesrm model directory (no {CONFIG_NAME})")
-    cfg = RMConfig.from_dict(json.loads((p / CONFIG_NAME).read_text()))
-    peft_cfg = json.loads((p / "adapter_config.json").read_text())
+    cfg, meta = read_config(p)
+    verify_checksums(p, meta, p / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
+    try:
+        peft_cfg = json.loads((p / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable ({e})", file=str(p / "adapter_config.json")) from None
     if peft_cfg.get("rank_pattern") or peft_cfg.get("alpha_pattern") or peft_cfg.get("use_dora"):
         raise ValueError(f"{p}: rank/alpha patterns and DoRA are not supported by merge")
     r, alpha = int(peft_cfg["r"]), float(peft_cfg["lora_alpha"])
     scale = alpha / r ** 0.5 if peft_cfg.get("use_rslora") else alpha / r
     a, b = {}, {}
-    for k, v in load_file(str(p / "adapter_model.safetensors")).items():
+    for k, v in load_tensors(p / ADAPTER_NAME).items():
         mod = k.removeprefix(_PREFIX)
         if mod.endswith(".lora_A.weight"):
             a[mod.removesuffix(".lora_A.weight")] = v
@@ -407,8 +419,8 @@ def read_member(path: str | Path) -> Member:
             b[mod.removesuffix(".lora_B.weight")] = v
         else:
             raise ValueError(f"{p}: unexpected adapter tensor {k}")
-    init = load_file(str(p / INIT_NAME)) if (p / INIT_NAME).exists() else {}
-    return Member(p, cfg, LoraAdapter(a, b, scale), load_file(str(p / HEAD_NAME)), init)
+    init = load_tensors(p / INIT_NAME) if (p / INIT_NAME).exists() else {}
+    return Member(p, cfg, LoraAdapter(a, b, scale), load_tensors(p / HEAD_NAME), init)
 
 
 def check_members(members: Sequence[Member]) -> None:
@@ -474,6 +486,6 @@ def save_merged(model: RewardModel, log: Mapping[str, Any], out: str | Path) -> 
     """Save the merged model (an ordinary RewardModel directory) with the merge log as `merge.json` inside."""
 
     def write(p: Path) -> None:
-        p.write_text(json.dumps(log, indent=2) + "\n")
+        p.write_text(json_text(log, Path(out) / MERGE_LOG_NAME, indent=2) + "\n")
 
     model.save(out, extra_files={MERGE_LOG_NAME: write})

@@ -13,8 +13,17 @@ from torch import nn
 
 from bayesrm.batching import scoring_batches
 from bayesrm.config import EMBEDDED_BACKBONE, Pooling, RMConfig
+from bayesrm.data import DataError
 from bayesrm.heads import LinearHead, build_head
-from bayesrm.io import atomic_dir
+from bayesrm.integrity import (
+    CHECKSUMS_KEY,
+    load_tensors,
+    one_line,
+    require_finite,
+    tensor_checksums,
+    verify_checksums,
+)
+from bayesrm.io import atomic_dir, json_text
 from bayesrm.run import CONFIG_NAME, find_model_dir, is_seq_cls_dir
 from bayesrm.templates import ResponseKeep, Template, encode
 
@@ -23,6 +32,7 @@ ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "elec
                  "albert", "modernbert", "camembert"}
 HEAD_NAME = "head.safetensors"
 INIT_NAME = "lora_init.safetensors"
+ADAPTER_NAME = "adapter_model.safetensors"  # peft's file name
 
 
 def resolve_backbone(name: str) -> str:
@@ -253,43 +263,62 @@ class RewardModel(nn.Module):
             self.backbone.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_NAME))
             save_file({k: v.contiguous() for k, v in self.lora_init.items()}, str(tmp / INIT_NAME))
-            d = self.config.to_dict() | {"format_version": 1}
-            (tmp / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n")
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
+            d = self.config.to_dict() | {"format_version": 1, CHECKSUMS_KEY: tensor_checksums(tmp)}
+            (tmp / CONFIG_NAME).write_text(json_text(d, Path(path) / CONFIG_NAME, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> RewardModel:
         """Rebuild a saved model: same backbone, template, LoRA and weights → identical scores."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         p = find_model_dir(path)
-        cfg_file = p / CONFIG_NAME
         if is_seq_cls_dir(p):
             model = cls(seq_cls_config(p))
             model.eval()
             return model if device is None else model.to(device)
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{p}: not a bayesrm model directory (no {CONFIG_NAME}) nor a transformers "
-                                    "sequence-classification model")
-        try:
-            cfg = RMConfig.from_dict(json.loads(cfg_file.read_text()))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
-            raise ValueError(f"{cfg_file}: {e}") from None
+        cfg, meta = read_config(p)
+        verify_checksums(p, meta, p / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
         model = cls(cfg)
-        adapter = load_file(str(p / "adapter_model.safetensors"))
-        res = set_peft_model_state_dict(model.backbone, adapter)
+        adapter = load_tensors(p / ADAPTER_NAME)
+        require_finite(adapter, p / ADAPTER_NAME)
+        try:
+            res = set_peft_model_state_dict(model.backbone, adapter)
+        except RuntimeError as e:  # size mismatch: the config's LoRA rank or targets disagree with the weights
+            raise DataError(f"does not fit the model {CONFIG_NAME} describes (lora_r={cfg.lora_r}, target_modules="
+                            f"{cfg.target_modules}): {one_line(e)}", file=str(p / ADAPTER_NAME)) from None
         unexpected = list(getattr(res, "unexpected_keys", []))
         if unexpected:
-            raise ValueError(f"{p}: adapter has unexpected keys {unexpected[:3]}")
-        model.head.load_state_dict(load_file(str(p / HEAD_NAME)))
+            raise DataError(f"unexpected adapter keys {unexpected[:3]}", file=str(p / ADAPTER_NAME))
+        head = load_tensors(p / HEAD_NAME)
+        require_finite(head, p / HEAD_NAME)
+        try:
+            model.head.load_state_dict(head)
+        except RuntimeError as e:
+            raise DataError(f"does not fit the '{cfg.head}' head of {CONFIG_NAME}: {one_line(e)}",
+                            file=str(p / HEAD_NAME)) from None
         if (p / INIT_NAME).exists():
-            model.lora_init = load_file(str(p / INIT_NAME))
+            model.lora_init = load_tensors(p / INIT_NAME)
         model.eval()
         if device is not None:
             model.to(device)
         return model
+
+
+def read_config(model_dir: Path) -> tuple[RMConfig, dict[str, Any]]:
+    """(RMConfig, the raw bayesrm.json dict) of a model directory; DataError naming the file if unusable."""
+    cfg_file = model_dir / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a bayesrm model directory (no {CONFIG_NAME})")
+    try:
+        meta = json.loads(cfg_file.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+        return RMConfig.from_dict(meta), meta
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise DataError(str(e), file=str(cfg_file)) from None
+
 
 
 # --------------------------------------------------------------------------- transformers reward models

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ import torch
 
 from bayesrm.data import iter_rows
 from bayesrm.integrations.trl import RewardFunction
-from bayesrm.io import atomic_dir, atomic_write_json, atomic_write_text
+from bayesrm.io import atomic_dir, atomic_write_json, atomic_write_text, json_text, jsonl_text, nan_to_null
 from bayesrm.objectives import Family, parse_spec
 from bayesrm.scoring import Scorer
 
@@ -207,9 +208,9 @@ class GoldMonitor:
             std = s.std.tolist() if s.std is not None else [None] * len(p)
             with open(self.rows_path, "a", encoding="utf-8") as f:
                 for i in range(len(p)):
-                    f.write(json.dumps({"step": step, "prompt": p[i], "completion": c[i],
-                                        "proxy": float(s.selection[i]), "reward": float(s.reward[i]),
-                                        "sigma": std[i], "gold": float(g[i])}, ensure_ascii=False) + "\n")
+                    f.write(json_text({"step": step, "prompt": p[i], "completion": c[i],
+                                       "proxy": float(s.selection[i]), "reward": float(s.reward[i]),
+                                       "sigma": std[i], "gold": float(g[i])}, self.rows_path) + "\n")
         return [float(x) for x in s.selection.tolist()]
 
 
@@ -331,7 +332,7 @@ def run_one(cfg: RLHFConfig, name: str, out_dir: str | Path, policy: str | None 
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out / "final"))
     history = step_history(trainer.state.log_history)
-    atomic_write_text(hist_file, "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_text(hist_file, jsonl_text(hist_file, nan_to_null(history)))  # absent σ / KL: null
     atomic_write_json(out / "done.json", {"spec": str(spec), "seconds": time.time() - t0, "steps": cfg.steps})
     return history
 
@@ -387,7 +388,7 @@ def run_rlhf(cfg: RLHFConfig, out_dir: str | Path, only: Sequence[str] | None = 
     results = {"config": asdict(cfg), "runs": {n: {"spec": cfg.runs[n], "seconds": _seconds(out / n),
                                                    "final": final_summary(h), "history": h}
                                                for n, h in histories.items()}}
-    atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", nan_to_null(results))  # absent σ / KL / deltas: null
     atomic_write_text(out / "results.md", results_table(results))
     if histories:
         plot_rlhf(histories, {n: cfg.runs[n] for n in histories}, out / "rlhf.png",
@@ -396,7 +397,9 @@ def run_rlhf(cfg: RLHFConfig, out_dir: str | Path, only: Sequence[str] | None = 
 
 
 def _read_history(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
+    """history.jsonl rows, null (not available) read back as NaN for the arithmetic and plots."""
+    return [{k: math.nan if v is None else v for k, v in json.loads(line).items()}
+            for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _seconds(run: Path) -> float:

@@ -79,8 +79,7 @@ class Scorer:
         model = RewardModel.load(path, device=device)
         posts = None
         if s.family is Family.LA:
-            post = LaplacePosterior.load(RunDir.of(path).require_posterior())
-            post.check_matches(model)
+            post = LaplacePosterior.load(RunDir.of(path).require_posterior(), model)  # checked against the model
             posts = [post]
         return cls(model, s, posts, batch_size)
 

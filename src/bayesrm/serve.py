@@ -10,7 +10,10 @@ per response (they do not depend on what else is in the batch), so batching chan
     GET /metrics    → Prometheus text: requests by status, responses, batches, batch sizes, latency quantiles
 
 Limits: body bytes (413), responses per request (422), untruncated tokens of prompt + response (413, naming the
-response). An optional API key (read from an environment variable, never a command-line value) is checked in
+response), time queued before scoring starts (503 + Retry-After), time until answered (504 + Retry-After), and time
+to send the request headers (the connection is closed). A request whose client disconnects is dropped from the
+queue, and a batch stops at its next chunk once all its clients are gone; /metrics counts disconnects apart from
+errors. An optional API key (read from an environment variable, never a command-line value) is checked in
 constant time against `Authorization: Bearer KEY` or `X-API-Key: KEY`; /health and /metrics stay open.
 """
 
@@ -19,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import os
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,6 +41,8 @@ from bayesrm.templates import encode
 
 log = logging.getLogger("bayesrm.serve")
 Rows = list[dict[str, Any]]
+CLIENT_GONE = 499  # status recorded for a request whose client disconnected (nginx's convention)
+SCORE_CHUNK_BATCHES = 4  # a micro-batch is scored this many forward batches per call, so abandoned work stops soon
 
 
 @dataclass
@@ -55,6 +61,10 @@ class ServeConfig:
     batch_size: int = 16  # forward batch size inside one Scorer.score call
     graceful_timeout_s: float = 30.0  # at shutdown, wait this long for in-flight requests
     log_level: str = "info"
+    max_queue_s: float = 30.0  # a request whose scoring has not started after this long → 503 + Retry-After
+    request_timeout_s: float = 120.0  # a request not answered after this long → 504 + Retry-After
+    retry_after_s: int = 5  # the Retry-After header of 503/504
+    header_timeout_s: float = 10.0  # a connection that has not sent a request's complete headers by then is closed
 
 
 class ScoreRequest(BaseModel):
@@ -63,6 +73,10 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str
     responses: list[str] = Field(min_length=1)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was answered."""
 
 
 class Rejected(Exception):
@@ -96,6 +110,8 @@ class Metrics:
     batch_requests_max: int = 0
     latency_sum: float = 0.0
     in_flight: int = 0  # POST /v1/score requests being handled now
+    disconnects: int = 0  # requests whose client went away before the answer (status 499, not an error)
+    dropped_responses: int = 0  # responses of abandoned or timed-out requests that were never scored
     latencies: deque[float] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
@@ -103,6 +119,7 @@ class Metrics:
 
     def observe_request(self, status: int, seconds: float) -> None:
         self.requests[status] += 1
+        self.disconnects += status == CLIENT_GONE
         if status == 200:
             self.latencies.append(seconds)
             self.latency_sum += seconds
@@ -119,7 +136,9 @@ class Metrics:
         lat = sorted(self.latencies)
         ok = self.requests[200]
         return {"requests": sum(self.requests.values()), "requests_ok": ok,
-                "errors": sum(n for s, n in self.requests.items() if s != 200), "responses": self.responses,
+                "errors": sum(n for s, n in self.requests.items() if s not in (200, CLIENT_GONE)),
+                "client_disconnects": self.disconnects, "dropped_responses": self.dropped_responses,
+                "responses": self.responses,
                 "batches": self.batches, "batch_responses_mean": self.batch_responses_sum / max(self.batches, 1),
                 "batch_responses_max": self.batch_responses_max, "batch_requests_max": self.batch_requests_max,
                 "batch_requests_mean": ok / max(self.batches, 1), "in_flight": self.in_flight,
@@ -133,7 +152,11 @@ class Metrics:
                "# TYPE bayesrm_requests_total counter"]
         out += [f'bayesrm_requests_total{{status="{c}"}} {n}' for c, n in sorted(self.requests.items())]
         for name, kind, value, doc in (
-            ("errors_total", "counter", s["errors"], "Requests answered with a status other than 200."),
+            ("errors_total", "counter", s["errors"], "Requests answered with a status other than 200 (not 499)."),
+            ("client_disconnects_total", "counter", s["client_disconnects"],
+             "Requests whose client disconnected before the answer (status 499; not errors)."),
+            ("dropped_responses_total", "counter", s["dropped_responses"],
+             "Responses never scored because their request was abandoned or timed out."),
             ("responses_total", "counter", s["responses"], "Responses scored."),
             ("batches_total", "counter", s["batches"], "Micro-batches (Scorer.score calls)."),
             ("batch_responses_mean", "gauge", s["batch_responses_mean"], "Mean responses per micro-batch."),
@@ -165,11 +188,12 @@ def parse_prometheus(text: str) -> dict[str, float]:
 # --------------------------------------------------------------------------- micro-batching
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     prompt: str
     responses: list[str]
     future: asyncio.Future[Rows]
+    started: bool = False  # taken into a batch (no longer queued)
 
 
 class MicroBatcher:
@@ -177,13 +201,19 @@ class MicroBatcher:
 
     `score_fn(prompts, responses) -> rows` runs in one worker thread. A batch holds whole requests: it closes when
     the next request would push it past `max_responses` (a larger single request forms a batch alone) or
-    `max_wait_s` after its first request arrived.
+    `max_wait_s` after its first request arrived. With `chunk`, a batch is scored `chunk` responses per call
+    (similar lengths together) and the responses of requests abandoned meanwhile are skipped. `submit` bounds
+    the time queued (`max_queue_s`, 503) and until answered (`timeout_s`, 504), and drops the request when
+    `disconnected()` turns true.
     """
 
     def __init__(self, score_fn: Callable[[list[str], list[str]], Rows], max_responses: int, max_wait_s: float,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, chunk: int | None = None, max_queue_s: float = math.inf,
+                 timeout_s: float = math.inf, retry_after_s: int = 5) -> None:
         self.score_fn, self.max_responses, self.max_wait_s = score_fn, max(1, max_responses), max(0.0, max_wait_s)
         self.metrics = metrics or Metrics()
+        self.chunk, self.max_queue_s, self.timeout_s = chunk, max_queue_s, timeout_s
+        self.retry_after = {"Retry-After": str(retry_after_s)}
         self._jobs: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self._closing = False
@@ -197,14 +227,41 @@ class MicroBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, prompt: str, responses: list[str]) -> Rows:
-        """Queue one request; return its rows once its batch is scored."""
+    async def submit(self, prompt: str, responses: list[str],
+                     disconnected: Callable[[], Awaitable[None]] | None = None) -> Rows:
+        """Queue one request; return its rows once scored (Rejected 503/504 past the limits, ClientGone).
+
+        `disconnected()` is awaited alongside: its return means the client has gone.
+        """
         if self._closing:
             raise Rejected(503, "server is shutting down")
-        job = _Job(prompt, responses, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(prompt, responses, loop.create_future())
         self._jobs.append(job)
         self._wake.set()
-        return await job.future
+        t0 = loop.time()
+        watch = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            while True:
+                limit = self.timeout_s if job.started else min(self.max_queue_s, self.timeout_s)
+                left = t0 + limit - loop.time()
+                done, _ = await asyncio.wait({job.future} | ({watch} if watch else set()),
+                                             timeout=max(left, 0.0) if math.isfinite(left) else None,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if job.future in done:
+                    return job.future.result()
+                if watch is not None and watch in done:
+                    raise ClientGone
+                if loop.time() - t0 >= self.timeout_s:
+                    raise Rejected(504, f"not scored within {self.timeout_s:g} s; retry later", self.retry_after)
+                if not job.started and loop.time() - t0 >= self.max_queue_s:
+                    raise Rejected(503, f"server busy: scoring did not start within {self.max_queue_s:g} s; retry "
+                                        "later", self.retry_after)
+        finally:
+            if watch is not None:
+                watch.cancel()
+            if not job.future.done():  # abandoned: never scored if still queued, skipped by later chunks otherwise
+                job.future.cancel()
 
     async def close(self) -> None:
         """Stop accepting requests, finish every queued one, stop the worker."""
@@ -216,7 +273,7 @@ class MicroBatcher:
 
     async def _next_batch(self) -> list[_Job]:
         """Wait for a first job, then gather more until full or `max_wait_s` passed; [] once closed and empty."""
-        while not self._jobs:
+        while not self._drop_abandoned():
             if self._closing:
                 return []
             self._wake.clear()
@@ -226,7 +283,7 @@ class MicroBatcher:
         batch = [self._jobs.popleft()]
         n = len(batch[0].responses)
         while n < self.max_responses:
-            if self._jobs:
+            if self._drop_abandoned():
                 if n + len(self._jobs[0].responses) > self.max_responses:
                     break
                 job = self._jobs.popleft()
@@ -241,27 +298,46 @@ class MicroBatcher:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 break
+        for j in batch:
+            j.started = True
         return batch
+
+    def _drop_abandoned(self) -> bool:
+        """Discard queued jobs whose client has gone (future cancelled); True if a live job is waiting."""
+        while self._jobs and self._jobs[0].future.done():
+            self.metrics.dropped_responses += len(self._jobs.popleft().responses)
+        return bool(self._jobs)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while batch := await self._next_batch():
-            prompts = [j.prompt for j in batch for _ in j.responses]
-            responses = [r for j in batch for r in j.responses]
+            items = [(j, k) for j in batch for k in range(len(j.responses))]
+            if self.chunk is not None:  # similar lengths share a call; order is restored below
+                items.sort(key=lambda it: len(it[0].prompt) + len(it[0].responses[it[1]]))
+            size = self.chunk or len(items)
+            rows: dict[int, Rows] = {id(j): [{}] * len(j.responses) for j in batch}
+            scored = 0
             try:
-                rows = await loop.run_in_executor(self._executor, self.score_fn, prompts, responses)
+                for s in range(0, len(items), size):
+                    live = [(j, k) for j, k in items[s:s + size] if not j.future.done()]
+                    self.metrics.dropped_responses += min(size, len(items) - s) - len(live)
+                    if not live:
+                        continue
+                    out = await loop.run_in_executor(self._executor, self.score_fn, [j.prompt for j, _ in live],
+                                                     [j.responses[k] for j, k in live])
+                    for (j, k), row in zip(live, out, strict=True):
+                        rows[id(j)][k] = row
+                    scored += len(live)
             except Exception as e:  # any scoring failure fails this batch's requests, never the worker
-                log.exception("scoring a batch of %d responses failed", len(responses))
+                log.exception("scoring a batch of %d responses failed", len(items))
                 for j in batch:
                     if not j.future.done():
                         j.future.set_exception(e)
                 continue
-            self.metrics.observe_batch(len(batch), len(responses))
-            start = 0
+            self.metrics.observe_batch(len(batch), scored)
             for j in batch:
                 if not j.future.done():  # a client that went away cancelled its future
-                    j.future.set_result(rows[start:start + len(j.responses)])
-                start += len(j.responses)
+                    j.future.set_result(rows[id(j)])
 
 
 # --------------------------------------------------------------------------- app
@@ -287,6 +363,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise too_big
     return bytes(body)
+
+
+async def _disconnect(request: Request) -> None:
+    """Return once the client has gone: after the body, the ASGI server's next message is http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _api_key(env: str | None) -> bytes | None:
@@ -330,7 +412,9 @@ def create_app(scorer: Any, cfg: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.batcher = MicroBatcher(score_rows, cfg.max_batch_responses, cfg.max_wait_ms / 1000, metrics)
+        app.state.batcher = MicroBatcher(score_rows, cfg.max_batch_responses, cfg.max_wait_ms / 1000, metrics,
+                                         chunk=SCORE_CHUNK_BATCHES * cfg.batch_size, max_queue_s=cfg.max_queue_s,
+                                         timeout_s=cfg.request_timeout_s, retry_after_s=cfg.retry_after_s)
         app.state.batcher.start()
         yield
         await app.state.batcher.close()  # drain: queued requests are scored before the worker stops
@@ -361,9 +445,11 @@ def create_app(scorer: Any, cfg: ServeConfig | None = None) -> FastAPI:
     async def _answer(request: Request) -> tuple[int, dict[str, Any], dict[str, str] | None]:
         try:
             req = await _checked(request)
-            rows = await request.app.state.batcher.submit(req.prompt, req.responses)
+            rows = await request.app.state.batcher.submit(req.prompt, req.responses, lambda: _disconnect(request))
         except Rejected as e:
             return e.status, {"detail": e.detail}, e.headers
+        except ClientGone:
+            return CLIENT_GONE, {"detail": "client disconnected"}, None
         except Exception as e:  # scoring failed (logged by the batcher): report it, keep serving
             return 500, {"detail": f"scoring failed: {type(e).__name__}"}, None
         return 200, {"spec": spec, "results": rows}, None
@@ -404,5 +490,52 @@ def serve(model_path: str | Path, cfg: ServeConfig, device: str | None = None) -
 
     _api_key(cfg.api_key_env)  # fail before the (slow) model load
     scorer = Scorer.load(model_path, cfg.spec, device=device, batch_size=cfg.batch_size)
-    uvicorn.run(create_app(scorer, cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level, ws="none",
-                timeout_graceful_shutdown=int(cfg.graceful_timeout_s))
+    uvicorn.Server(uvicorn_config(create_app(scorer, cfg), cfg)).run()
+
+
+def uvicorn_config(app: FastAPI, cfg: ServeConfig) -> Any:
+    """The uvicorn settings `serve` runs `app` with (h11 with a header-read deadline; no websockets)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, ws="none",
+                          http=header_timeout_protocol(cfg.header_timeout_s), lifespan="on",
+                          timeout_graceful_shutdown=int(cfg.graceful_timeout_s))
+
+
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol closing a connection that has not sent a request's complete headers within `seconds`.
+
+    uvicorn itself times out only idle keep-alive connections, so a client that sends half a header holds its
+    connection forever. The deadline runs from connection start and from the end of each response.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            waiting, transport = self.cycle, self.transport
+
+            def expire() -> None:
+                if self.cycle is waiting and not transport.is_closing():  # no new request's headers since
+                    log.info("closing a connection that sent no complete request headers in %g s", seconds)
+                    transport.close()
+
+            self._header_timer = self.loop.call_later(seconds, expire)
+
+    return HeaderTimeoutH11

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bayesrm.data import DataError, iter_rows
-from bayesrm.io import atomic_path, atomic_write_json
+from bayesrm.io import atomic_path, atomic_write_json, json_text
 
 MANIFEST = "manifest.json"
 
@@ -65,8 +65,8 @@ def write_shard(out: str | Path, index: int, num_shards: int, rows: list[dict[st
     """Write one shard's scored rows as JSON lines, atomically."""
     path = shard_path(out, index, num_shards)
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for i, r in enumerate(rows, 1):
+            f.write(json_text(r, path, line=i) + "\n")
     return path
 
 
@@ -175,8 +175,10 @@ def score_rows(input: str, prompt_field: str, response_field: str) -> Iterator[d
     """Rows of a `score` input, each checked to hold text in the prompt and response fields."""
     for line, row in iter_rows(input):
         for f in (prompt_field, response_field):
-            if not isinstance(row.get(f), str):
-                raise DataError("missing or not text", file=input, line=line, field=f)
+            v = row.get(f)
+            if not isinstance(v, str):
+                what = "missing" if f not in row else "is null" if v is None else f"not text ({type(v).__name__})"
+                raise DataError(what, file=input, line=line, field=f)
         yield row
 
 
