@@ -61,25 +61,47 @@ def test_train_writes_model_metrics_and_checkpoint(trained: tuple[Path, Path]) -
 
 
 def test_eval_reports_map_and_laplace_with_ood(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    import math
+
+    import numpy as np
+
     run, data = trained
     ood = tmp_path / "ood.jsonl"
-    ood.write_text("".join(json.dumps({"prompt": "zzz " * 20, "chosen": "qqq xxx " * 15, "rejected": "vvv"}) + "\n"
-                           for _ in range(4)))
-    res = runner.invoke(app, ["eval", str(run), str(data), "--ood", str(ood)])
+    ood.write_text("".join(json.dumps({"prompt": f"zzz {i} " * 20, "chosen": "qqq xxx " * (i + 3), "rejected": "vvv"})
+                           + "\n" for i in range(4)))
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", str(run), str(data), "--ood", str(ood), "--out", str(out), "--n-boot", "20",
+                              "--levels", "0.5,0.9"])
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout.strip().splitlines()[-1])
-    for k in ("map_accuracy", "map_nll", "map_ece", "la_nll", "la_ece", "ood_auroc_sigma"):
-        assert k in row
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    test = [p for p in preds if p["split"] == "test"]
+    assert row["map_n"] == len(test) == 32
+    assert row["map_accuracy"] == pytest.approx(np.mean([p["correct"] for p in test]))
+    assert row["bayes_nll"] == pytest.approx(np.mean([-math.log(p["p_bayes"]) for p in test]))
+    s_id = [p["var_delta"] for p in test]
+    s_ood = [p["var_delta"] for p in preds if p["split"] == "ood"]
+    brute = np.mean([float(a > b) + 0.5 * (a == b) for a in s_ood for b in s_id])
+    assert row["ood_auroc_sigma_delta"] == pytest.approx(brute)
+    assert set(k for k in row if "coverage" in k) == {"map_coverage_0.5", "map_coverage_0.9", "bayes_coverage_0.5",
+                                                      "bayes_coverage_0.9"}
+    assert (out / "reliability.png").exists() and "## Interval coverage" in (out / "report.md").read_text()
+    assert "in-sample" in res.output  # the posterior was fitted on these very pairs
     from bayesrm.data import load_pairs
     from bayesrm.laplace import LaplacePosterior
     from bayesrm.metrics import auroc
     from bayesrm.model import RewardModel
 
     model, post = RewardModel.load(run), LaplacePosterior.load(run)
-    pairs, ood_pairs = load_pairs(data), load_pairs(ood)
-    _, v_id = post.predict(model, [p.prompt for p in pairs], [p.chosen for p in pairs])
-    _, v_ood = post.predict(model, [p.prompt for p in ood_pairs], [p.chosen for p in ood_pairs])
-    assert row["ood_auroc_sigma"] == pytest.approx(auroc(v_ood.sqrt().numpy(), v_id.sqrt().numpy()))
+
+    def sigma(path: Path) -> np.ndarray:
+        ps = load_pairs(path)
+        _, v = post.predict(model, [p.prompt for p in ps] * 2, [p.chosen for p in ps] + [p.rejected for p in ps])
+        return v.sqrt().numpy()
+
+    assert row["ood_auroc_sigma_response"] == pytest.approx(auroc(sigma(ood), sigma(data)))
+    res = runner.invoke(app, ["eval", str(run), str(data), "--levels", "0.9,1.5", "--out", str(out)])
+    assert res.exit_code == 2 and "levels" in res.output and "Traceback" not in res.output
 
 
 def test_score_with_uncertainty_adds_columns(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -83,6 +83,7 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
     # each step left its own output, none overwritten by a later one
     assert (runs / "rm" / "model" / "laplace" / "posterior.json").exists()
     assert "starting fresh: no checkpoint in runs/rm/checkpoint" in bash_log
+    assert (runs / "eval" / "report.json").exists()
     scored = [json.loads(line) for line in (runs / "scored.jsonl").read_text().splitlines()]
     assert len(scored) == 16 and all(r["reward_std"] > 0 for r in scored)
     bon = json.loads((runs / "bon" / "results.json").read_text())

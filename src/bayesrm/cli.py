@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bayesrm.config import LaplaceConfig, TrainConfig
+from bayesrm.config import EvalConfig, LaplaceConfig, Subset, TrainConfig
 from bayesrm.data import (
     DataError,
     DataFormat,
@@ -206,6 +206,7 @@ def _print_metrics(title: str, row: dict[str, Any]) -> None:
 
 
 _LA = LaplaceConfig()  # defaults of the options below
+_EVAL = EvalConfig()
 
 
 @app.command("laplace")
@@ -217,7 +218,9 @@ def laplace_cmd(
     val_data: Annotated[str | None, typer.Option(help="validation pairs (for --tau-method val_nll)")] = None,
     kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = (
         _LA.kfac),
-    subset: Annotated[str, typer.Option(help="lora (Laplace-LoRA) | head (last-layer baseline)")] = _LA.subset,
+    subset: Annotated[str | None, typer.Option(help="lora (Laplace-LoRA) | head (last-layer); default lora, or "
+                                                    "head for a model without LoRA (a transformers reward "
+                                                    "model)")] = None,
     tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = _LA.tau_method,
     prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = _LA.prior_structure,
     prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = _LA.prior_precision,
@@ -255,15 +258,17 @@ def laplace_cmd(
     from bayesrm.laplace import fit_laplace
     from bayesrm.model import RewardModel
 
-    cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
-                        prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
-                        batch_size=batch_size).for_training(run.train_config())
     device = None
     if world > 1 and torch.cuda.is_available():
         from accelerate import PartialState
 
         device = PartialState().device  # this rank's GPU
     model = RewardModel.load(run.model_dir, device=device)
+    if subset is None:
+        subset = Subset.HEAD.value if model.config.seq_cls else _LA.subset
+    cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
+                        prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
+                        batch_size=batch_size).for_training(run.train_config())
     with progress_bar("KFAC fit (pairs)", len(dist.shard(pairs)), console) as advance:
         post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
     if proc == 0:
@@ -278,59 +283,66 @@ def laplace_cmd(
 @app.command("eval")
 @_friendly
 def eval_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="trained model")],
-    data: Annotated[str, typer.Argument(help="test pairs")],
-    ood: Annotated[str | None, typer.Option(help="out-of-distribution pairs: report AUROC of σ (ID vs OOD)")] = None,
+    model_dir: Annotated[Path, typer.Argument(help="trained model (with its Laplace posterior if fitted) or an "
+                                                   "ensemble dir")],
+    data: Annotated[str, typer.Argument(help="test pairs (a source/subset column gives per-subset results)")],
+    out: Annotated[Path, typer.Option(help="output dir: report.json, report.md, reliability.png, selective.png, "
+                                           "predictions.jsonl")] = Path("runs/eval"),
+    ood: Annotated[str | None, typer.Option(help="out-of-distribution pairs: AUROC of σ for ID vs OOD")] = None,
+    levels: Annotated[str, typer.Option(help="nominal levels of the predictive intervals, comma-separated")] = ",".join(
+        f"{x:g}" for x in _EVAL.levels),
+    n_bins: Annotated[int, typer.Option(help="confidence bins (ECE, MCE, reliability)")] = _EVAL.n_bins,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates over prompts for CIs")] = _EVAL.n_boot,
+    batch_size: int = _EVAL.batch_size,
     limit: int | None = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write metrics here")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the headline numbers here")] = None,
     format: FormatOpt = DataFormat.AUTO.value,
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Accuracy, NLL and ECE for MAP (and Laplace when a posterior exists); OOD AUROC of σ."""
-    from bayesrm.experiment import pair_eval
-    from bayesrm.io import atomic_write_json, json_text
-    from bayesrm.laplace import LaplacePosterior
-    from bayesrm.metrics import auroc
-    from bayesrm.model import RewardModel
+    """Accuracy, NLL, Brier, ECE/MCE, interval coverage, selective prediction and σ's error/OOD AUROC for the MAP
+    and the Bayesian predictive (Laplace, BNRM or ensemble), per subset when the data has one."""
+    from bayesrm.evaluation import evaluate, render_markdown, summary
+    from bayesrm.io import atomic_write_json, check_target, json_text
 
+    try:
+        lv = tuple(float(x) for x in levels.split(","))
+    except ValueError:
+        raise ValueError(f"--levels expects numbers in (0, 1) separated by commas, got {levels!r}") from None
+    cfg = EvalConfig(levels=lv, n_bins=n_bins, n_boot=n_boot, batch_size=batch_size)
+    check_target(out, want_dir=True)
     if json_out:
         check_target(json_out)
-    pairs = _load(data, format, field, skip_invalid, limit)  # every input is checked before the model loads
+    pairs = _load(data, format, field, skip_invalid, limit)
     ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit) if ood else []
-    run = RunDir.of(model_dir)
-    found = run.find_posterior()
-    if ood and found is None:
-        raise ValueError(f"--ood needs a Laplace posterior: run `bayesrm laplace {model_dir}` first")
-    model = RewardModel.load(run.model_dir)
-    post = LaplacePosterior.load(found, model) if found is not None else None  # checked against the model
-    if post is not None:
-        seen = post.fitted_fraction(pairs)
-        if seen:
-            console.print(f"[bold yellow]warning:[/] {seen:.0%} of the pairs in {data} were used to fit the "
-                          "posterior: these metrics are in-sample")
-    console.print(f"evaluating {len(pairs)} pairs (MAP{' and Laplace' if post else ''})")
-    row = pair_eval(model, pairs, post)
-    if len({p.prompt for p in pairs}) > 1:  # does the model read the prompt? (own vs a swapped prompt)
-        from bayesrm.sensitivity import measure_prompt_sensitivity
-
-        def predict(prompts: list[str], responses: list[str]) -> tuple[Any, Any]:
-            return post.predict(model, prompts, responses) if post else (model.score(prompts, responses), None)
-
-        sens = measure_prompt_sensitivity(predict, [p.prompt for p in pairs], [p.chosen for p in pairs])
-        row |= {f"prompt_{k}": v for k, v in sens.items() if k != "n"}
-    if ood:
-        assert post is not None
-        with progress_bar("σ of chosen responses (ID + OOD)", len(pairs) + len(ood_pairs), console) as advance:
-            _, v_id = post.predict(model, [p.prompt for p in pairs], [p.chosen for p in pairs], progress=advance)
-            _, v_ood = post.predict(model, [p.prompt for p in ood_pairs], [p.chosen for p in ood_pairs],
-                                    progress=advance)
-        row |= {"ood_auroc_sigma": auroc(v_ood.sqrt().numpy(), v_id.sqrt().numpy()),
-                "sigma_id_mean": float(v_id.sqrt().mean()), "sigma_ood_mean": float(v_ood.sqrt().mean())}
-    _print_metrics(f"{model_dir} on {data}", row)
+    report = evaluate(model_dir, pairs, cfg, out, ood_pairs, meta={"data": data, "ood": ood})
+    console.print(render_markdown(report))
+    seen = report["meta"]["in_sample_fraction"]
+    if seen:
+        console.print(f"[bold yellow]warning:[/] {seen:.0%} of the pairs in {data} were used to fit the posterior: "
+                      "these metrics are in-sample")
+    console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; plots: {out / 'reliability.png'}, "
+                  f"{out / 'selective.png'}; predictions: {out / 'predictions.jsonl'}")
+    row = summary(report)
     if json_out:
         atomic_write_json(json_out, row)
     print(json_text(row, "<stdout>"))
+
+
+@app.command("export")
+@_friendly
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="trained bayesrm model (run dir or model dir)")],
+    out: Annotated[Path, typer.Argument(help="output: a transformers AutoModelForSequenceClassification folder, "
+                                             "with the peft adapter form in OUT/adapter")],
+) -> None:
+    """Export to plain transformers (LoRA merged) and to a peft adapter (head in modules_to_save), both checked."""
+    from bayesrm.export import ADAPTER_DIR, export_model
+
+    info = export_model(run, out)
+    console.print(f"exported to {out} (merged; max |Δr| {info['merged_max_abs_error']:.2g} through transformers) "
+                  f"and {out / ADAPTER_DIR} (peft; max |Δr| {info['adapter_max_abs_error']:.2g}); input format in "
+                  f"{out / 'README.md'}")
 
 
 @app.command("score")
