@@ -214,7 +214,7 @@ def test_rlhf_checks_proxy_gold_and_prompts_before_converting_the_policy(
     """Before: a missing gold model was found only after ~50 s of converting the policy's GGUF weights."""
     import shutil
 
-    _forbid(monkeypatch, "bayesrm.rlhf.policy_path", "the policy conversion")
+    _forbid(monkeypatch, "bayesrm.rlhf.run.policy_path", "the policy conversion")
     run, data = trained
     fields = {"proxy": str(run), "gold": str(run), "prompts": str(data)}
     if broken == "gold":
