@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bayesrm.config import EvalConfig, LaplaceConfig, Subset, TrainConfig
+from bayesrm.config import EvalConfig, LaplaceConfig, RMConfig, Subset, TrainConfig
 from bayesrm.data import (
     DataError,
     DataFormat,
@@ -33,6 +33,7 @@ app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RM
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 _TC = TrainConfig()  # `bayesrm train` defaults are TrainConfig's
+_RM = RMConfig()  # defaults of the model options of `train`
 
 
 def _error(message: str) -> None:
@@ -99,14 +100,20 @@ def train_cmd(
     eval_data: Annotated[str | None, typer.Option(help="evaluation pairs; default: a prompt-disjoint split")] = None,
     eval_frac: Annotated[float, typer.Option(help="fraction of prompts held out when no --eval-data")] = 0.1,
     backbone: Annotated[str, typer.Option(help="hub id, local path, or the embedded all-MiniLM-L6-v2")] = (
-        "all-MiniLM-L6-v2"),
-    template: Annotated[str, typer.Option(help="oasst | chat | plain")] = "oasst",
-    max_length: int = 500,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
+        _RM.backbone),
+    template: Annotated[str, typer.Option(help="oasst | chat | plain")] = _RM.template,
+    max_length: Annotated[int, typer.Option(help="tokens per (prompt, response), special tokens included")] = (
+        _RM.max_length),
+    prompt_budget: Annotated[float, typer.Option(help="share of max-length kept for the end of the prompt when a "
+                                                      "pair is too long")] = _RM.prompt_budget,
+    response_keep: Annotated[str, typer.Option(help="auto | end | start: which end of a long response is kept "
+                                                    "(auto: end for last-token pooling, start for encoders)")] = (
+        _RM.response_keep),
+    lora_r: int = _RM.lora_r,
+    lora_alpha: int = _RM.lora_alpha,
+    lora_dropout: float = _RM.lora_dropout,
     target_modules: Annotated[str | None, typer.Option(help="comma-separated module names")] = None,
-    head: Annotated[str, typer.Option(help="linear (BT scalar head) | bnrm (Bayesian non-negative head)")] = "linear",
+    head: Annotated[str, typer.Option(help="linear (BT scalar head) | bnrm (Bayesian non-negative head)")] = _RM.head,
     bnrm_k: Annotated[int, typer.Option(help="BNRM latent factors K")] = 1024,
     bnrm_eta: Annotated[float, typer.Option(help="BNRM KL weight η")] = 1e-5,
     freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op); with the linear "
@@ -123,13 +130,13 @@ def train_cmd(
     max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0 disables)")] = _TC.max_grad_norm,
     margin: Annotated[float, typer.Option(help="BT margin m in −log σ(r_w − r_l − m)")] = _TC.margin,
     center_coef: Annotated[float, typer.Option(help="weight of the reward-centering term")] = _TC.center_coef,
-    lora_seed: int = 0,
+    lora_seed: Annotated[int, typer.Option(help="LoRA A and head initialisation")] = _RM.lora_seed,
     data_seed: Annotated[int, typer.Option(help="data order and dropout RNG")] = _TC.data_seed,
     split_seed: int = 0,
     group_by_length: Annotated[bool, typer.Option(help="batches of similar length, in random order")] = (
         _TC.group_by_length),
     mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = _TC.mixed_precision,
-    dtype: Annotated[str, typer.Option(help="backbone weights dtype: float32 | bfloat16 | float16")] = "float32",
+    dtype: Annotated[str, typer.Option(help="backbone weights dtype: float32 | bfloat16 | float16")] = _RM.dtype,
     eval_batch_size: Annotated[int, typer.Option(help="responses per evaluation batch")] = _TC.eval_batch_size,
     checkpoint_every: Annotated[int, typer.Option(help="optimizer steps between atomic checkpoints in OUT/checkpoint "
                                                        "(0: epoch ends only); a killed run continued with --resume "
@@ -148,7 +155,7 @@ def train_cmd(
     over the processes; rank 0 writes the run directory.
     """
     from bayesrm import dist
-    from bayesrm.model import RewardModel, RMConfig
+    from bayesrm.model import RewardModel
     from bayesrm.train import train
 
     rank, size = dist.init_from_launcher()
@@ -162,7 +169,8 @@ def train_cmd(
         train_pairs, eval_pairs = pairs, _load(eval_data, format, field, skip_invalid)
     else:
         train_pairs, eval_pairs = split_by_prompt(pairs, (1 - eval_frac, eval_frac), split_seed)
-    mc = RMConfig(backbone=backbone, template=template, max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
+    mc = RMConfig(backbone=backbone, template=template, max_length=max_length, prompt_budget=prompt_budget,
+                  response_keep=response_keep, lora_r=lora_r, lora_alpha=lora_alpha,
                   lora_dropout=lora_dropout, lora_seed=lora_seed,
                   target_modules=target_modules.split(",") if target_modules else None,
                   head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None, dtype=dtype,
