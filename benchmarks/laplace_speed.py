@@ -46,14 +46,8 @@ from torch import nn
 from bayesrm import dist
 from bayesrm.batching import collate, pair_batches
 from bayesrm.data import Pair, load_pairs
-from bayesrm.laplace import (
-    LaplaceConfig,
-    LaplacePosterior,
-    _batch_jacobians,
-    fit_laplace,
-    kfac_factors,
-    lora_modules,
-)
+from bayesrm.kfac import batch_jacobians, kfac_factors, lora_modules
+from bayesrm.laplace import LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.model import RewardModel, RMConfig
 from bayesrm.templates import encode
 from bayesrm.train import TrainConfig, train
@@ -232,7 +226,7 @@ def fit_phases(model: RewardModel, fit: Sequence[Pair], bs: int, reps: int) -> d
 
     def fwd_bwd() -> None:
         for _, x, m in pair_batches(model, fit, bs):
-            _batch_jacobians(model, modules, x, m, torch.ones_like)
+            batch_jacobians(model, modules, x, m, torch.ones_like)
 
     _, t_fb = timed(fwd_bwd, reps)
     _, t_fac = timed(lambda: kfac_factors(model, fit, "pair", bs), reps)

@@ -61,25 +61,47 @@ def test_train_writes_model_metrics_and_checkpoint(trained: tuple[Path, Path]) -
 
 
 def test_eval_reports_map_and_laplace_with_ood(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    import math
+
+    import numpy as np
+
     run, data = trained
     ood = tmp_path / "ood.jsonl"
-    ood.write_text("".join(json.dumps({"prompt": "zzz " * 20, "chosen": "qqq xxx " * 15, "rejected": "vvv"}) + "\n"
-                           for _ in range(4)))
-    res = runner.invoke(app, ["eval", str(run), str(data), "--ood", str(ood)])
+    ood.write_text("".join(json.dumps({"prompt": f"zzz {i} " * 20, "chosen": "qqq xxx " * (i + 3), "rejected": "vvv"})
+                           + "\n" for i in range(4)))
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", str(run), str(data), "--ood", str(ood), "--out", str(out), "--n-boot", "20",
+                              "--levels", "0.5,0.9"])
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout.strip().splitlines()[-1])
-    for k in ("map_accuracy", "map_nll", "map_ece", "la_nll", "la_ece", "ood_auroc_sigma"):
-        assert k in row
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    test = [p for p in preds if p["split"] == "test"]
+    assert row["map_n"] == len(test) == 32
+    assert row["map_accuracy"] == pytest.approx(np.mean([p["correct"] for p in test]))
+    assert row["bayes_nll"] == pytest.approx(np.mean([-math.log(p["p_bayes"]) for p in test]))
+    s_id = [p["var_delta"] for p in test]
+    s_ood = [p["var_delta"] for p in preds if p["split"] == "ood"]
+    brute = np.mean([float(a > b) + 0.5 * (a == b) for a in s_ood for b in s_id])
+    assert row["ood_auroc_sigma_delta"] == pytest.approx(brute)
+    assert set(k for k in row if "coverage" in k) == {"map_coverage_0.5", "map_coverage_0.9", "bayes_coverage_0.5",
+                                                      "bayes_coverage_0.9"}
+    assert (out / "reliability.png").exists() and "## Interval coverage" in (out / "report.md").read_text()
+    assert "in-sample" in res.output  # the posterior was fitted on these very pairs
     from bayesrm.data import load_pairs
     from bayesrm.laplace import LaplacePosterior
     from bayesrm.metrics import auroc
     from bayesrm.model import RewardModel
 
     model, post = RewardModel.load(run), LaplacePosterior.load(run)
-    pairs, ood_pairs = load_pairs(data), load_pairs(ood)
-    _, v_id = post.predict(model, [p.prompt for p in pairs], [p.chosen for p in pairs])
-    _, v_ood = post.predict(model, [p.prompt for p in ood_pairs], [p.chosen for p in ood_pairs])
-    assert row["ood_auroc_sigma"] == pytest.approx(auroc(v_ood.sqrt().numpy(), v_id.sqrt().numpy()))
+
+    def sigma(path: Path) -> np.ndarray:
+        ps = load_pairs(path)
+        _, v = post.predict(model, [p.prompt for p in ps] * 2, [p.chosen for p in ps] + [p.rejected for p in ps])
+        return v.sqrt().numpy()
+
+    assert row["ood_auroc_sigma_response"] == pytest.approx(auroc(sigma(ood), sigma(data)))
+    res = runner.invoke(app, ["eval", str(run), str(data), "--levels", "0.9,1.5", "--out", str(out)])
+    assert res.exit_code == 2 and "levels" in res.output and "Traceback" not in res.output
 
 
 def test_score_with_uncertainty_adds_columns(trained: tuple[Path, Path], tmp_path: Path) -> None:
@@ -161,3 +183,61 @@ def test_laplace_defaults_come_from_the_config() -> None:
     res = runner.invoke(app, ["laplace", "--help"], env={"COLUMNS": "200"})
     d = LaplaceConfig()
     assert res.exit_code == 0 and f"[default: {d.kfac}]" in res.output and f"[default: {d.tau_method}]" in res.output
+
+
+# --------------------------------------------------------------------------- checks before heavy work, --set
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("cmd", "config", "item", "message"), [
+    ("bon", "examples/bon.toml", "stepz=2", "--set stepz=2: unknown field 'stepz'"),
+    ("bon", "examples/bon.toml", "model.max_length=long", "--set model.max_length=long: expected int, got 'long'"),
+    ("rlhf", "examples/rlhf.toml", "steps=2.5", "--set steps=2.5: expected int, got 2.5"),
+    ("rlhf", "configs/rlhf_cpu.toml", "policy.nope=1", "--set policy.nope=1: unknown field 'policy.nope'"),
+])
+def test_set_overrides_fail_with_one_line(cmd: str, config: str, item: str, message: str) -> None:
+    res = runner.invoke(app, [cmd, str(ROOT / config), "--set", item, "--out", "unused"])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def _forbid(monkeypatch: pytest.MonkeyPatch, target: str, what: str) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError(f"{what} ran before the inputs were checked")
+    monkeypatch.setattr(target, boom)
+
+
+@pytest.mark.parametrize("broken", ["gold", "prompts", "posterior"])
+def test_rlhf_checks_proxy_gold_and_prompts_before_converting_the_policy(
+        trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """Before: a missing gold model was found only after ~50 s of converting the policy's GGUF weights."""
+    import shutil
+
+    _forbid(monkeypatch, "bayesrm.rlhf.run.policy_path", "the policy conversion")
+    run, data = trained
+    fields = {"proxy": str(run), "gold": str(run), "prompts": str(data)}
+    if broken == "gold":
+        fields["gold"], message = str(tmp_path / "gold"), f"gold {tmp_path / 'gold'}: not a trained bayesrm model"
+    elif broken == "prompts":
+        fields["prompts"], message = str(tmp_path / "p.jsonl"), f"{tmp_path / 'p.jsonl'}: prompts file not found"
+    else:  # a proxy without its posterior, for the la run
+        shutil.copytree(run / "model", tmp_path / "bare", ignore=shutil.ignore_patterns("laplace"))
+        fields["proxy"], message = str(tmp_path / "bare"), "no Laplace posterior for spec 'la:var:k=1'"
+    cfg = tmp_path / "rlhf.toml"
+    cfg.write_text("".join(f'{k} = "{v}"\n' for k, v in fields.items())
+                   + 'exclude = []\nproxy_sigma = false\n[runs]\nmap = "map"\nla = "la:var:k=1"\n')
+    res = runner.invoke(app, ["rlhf", str(cfg), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output  # rich wraps long lines
+
+
+def test_eval_checks_every_input_before_loading_the_model(trained: tuple[Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the model loaded (and ID pairs were scored) before a bad --ood file was read."""
+    _forbid(monkeypatch, "bayesrm.model.RewardModel.load", "the model load")
+    run, _ = trained
+    bad = tmp_path / "ood.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "", "rejected": "b"}\n')
+    res = runner.invoke(app, ["eval", str(run), str(run / "data" / "eval.jsonl"), "--ood", str(bad)])
+    out = "".join(res.output.split())  # rich wraps long lines
+    assert res.exit_code == 2 and f"{bad}:2".replace(" ", "") in out and "chosen" in out, res.output

@@ -115,6 +115,15 @@ def test_field_mapping(tmp_path: Path) -> None:
         load_pairs(tmp_path / "mapped.csv", fields={"promt": "question"})
 
 
+def test_rewardbench_subset_column_is_the_source(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "rb.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "subset": "hep-go"},
+                                         {"prompt": "q", "chosen": "a", "rejected": "b", "subset": "x",
+                                          "source": "y"}])
+    assert [p.source for p in load_pairs(tmp_path / "rb.jsonl")] == ["hep-go", "y"]
+    # an explicit mapping wins and does not fall back
+    assert [p.source for p in load_pairs(tmp_path / "rb.jsonl", fields={"source": "origin"})] == [None, None]
+
+
 def test_field_mapping_missing_column_names_the_column(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "good": "a", "bad": "b"}])
     with pytest.raises(DataError, match=r"m\.jsonl:1: field 'answer_a': missing \(row has: bad, good, question\)"):

@@ -126,3 +126,48 @@ def test_shipped_configs_parse_and_keep_the_laplace_defaults(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     default = LaplaceConfig()
     assert (cfg.laplace.kfac, cfg.laplace.tau_method) == (default.kfac, default.tau_method)
+
+
+def test_cached_scores_are_recomputed_for_other_candidates(tmp_path: Path) -> None:
+    """Before: eval_scores.npz was reused whatever the candidates, so `--set eval_prompts=…` on a finished run
+    paired old scores with new candidates."""
+    import numpy as np
+
+    from bayesrm.experiment import _cached_scores
+
+    calls = []
+
+    def compute(n: int) -> dict[str, np.ndarray]:
+        calls.append(n)
+        return {"mean": np.arange(n, dtype=float), "var": np.ones(n)}
+
+    path = tmp_path / "eval_scores.npz"
+    first = _cached_scores(path, lambda: compute(2), ["p", "p"], ["a", "b"])
+    again = _cached_scores(path, lambda: compute(2), ["p", "p"], ["a", "b"])
+    other = _cached_scores(path, lambda: compute(2), ["p", "p"], ["a", "c"])
+    assert calls == [2, 2] and set(again) == {"mean", "var"}
+    assert np.array_equal(first["mean"], again["mean"]) and np.array_equal(other["mean"], [0.0, 1.0])
+
+
+def test_rerun_says_resuming_and_refits_when_laplace_settings_change(cfg: BonConfig, tmp_path: Path) -> None:
+    """Before: a rerun said nothing about what it reused, and one with other laplace settings (now one `--set`
+    away) silently kept the old posterior and its cached scores."""
+    cfg.members = 1
+    out, logs = tmp_path / "run", []
+    run_bon(cfg, out, log=logs.append)
+    assert logs[0] == f"starting fresh: no checkpoint in {out}"
+    logs.clear()
+    run_bon(cfg, out, log=logs.append)
+    assert logs[0].startswith(f"resuming from {out}") and not any("refitting" in line for line in logs)
+    cfg.laplace = LaplaceConfig(batch_size=4, tau_method="mackay")
+    logs.clear()
+    run_bon(cfg, out, log=logs.append)
+    assert any("fitted with other laplace settings; refitting" in line for line in logs)
+    post = out / "proxy" / "member_0" / "model" / POSTERIOR_DIR / "posterior.json"
+    assert json.loads(post.read_text())["config"]["tau_method"] == "mackay"
+
+
+def test_a_missing_gold_model_fails_before_the_pool_loads(cfg: BonConfig, tmp_path: Path) -> None:
+    cfg.pool, cfg.gold = str(tmp_path / "no_pool.jsonl"), str(tmp_path / "no_gold")
+    with pytest.raises(ValueError, match=r"gold reward model .*not a bayesrm model directory"):
+        run_bon(cfg, tmp_path / "run", log=lambda *_: None)

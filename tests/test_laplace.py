@@ -22,16 +22,8 @@ from torch.func import functional_call, jacrev
 
 from bayesrm.batching import collate
 from bayesrm.data import Pair
-from bayesrm.laplace import (
-    HEAD_KEY,
-    KronBlock,
-    LaplaceConfig,
-    LaplacePosterior,
-    _batch_jacobians,
-    fit_laplace,
-    kfac_factors,
-    lora_modules,
-)
+from bayesrm.kfac import batch_jacobians, kfac_factors, lora_modules
+from bayesrm.laplace import HEAD_KEY, KronBlock, LaplaceConfig, LaplacePosterior, fit_laplace
 from bayesrm.metrics import probit_probability
 from bayesrm.model import RewardModel, pool_hidden
 from bayesrm.train import TrainConfig, train
@@ -200,7 +192,7 @@ def test_hook_jacobians_equal_jacrev_and_ignore_padding(tiny_cfg: Callable[..., 
     responses = ["good kind", "great clear helpful correct short", "bad"]
     x, m = _batch(model, prompts, responses)
     assert (m == 0).any()  # rows really are padded
-    r, a, g = _batch_jacobians(model, mods, x, m)
+    r, a, g = batch_jacobians(model, mods, x, m)
     J = _jac(model, x, m)
     for k in mods:
         assert _rel(torch.einsum("bto,bti->boi", g[k], a[k]), J[k]) < 1e-12, k  # Σ_t δ_t a_tᵀ = ∂r/∂θ
@@ -215,8 +207,8 @@ def test_hook_jacobians_equal_jacrev_and_ignore_padding(tiny_cfg: Callable[..., 
     x1, m1 = _batch(model, prompts[:1], responses[:1])
     x2, m2 = _batch(model, [prompts[0], "a much longer prompt " * 4], [responses[0], "and a long response " * 4])
     assert x2.shape[1] > x1.shape[1] + 10
-    r1, a1, g1 = _batch_jacobians(model, mods, x1, m1)
-    r2, a2, g2 = _batch_jacobians(model, mods, x2, m2)
+    r1, a1, g1 = batch_jacobians(model, mods, x1, m1)
+    r2, a2, g2 = batch_jacobians(model, mods, x2, m2)
     assert _rel(r2[:1], r1) < 1e-12
     for k in mods:
         J1 = torch.einsum("bto,bti->boi", g1[k], a1[k])
@@ -233,7 +225,7 @@ def test_kronecker_block_of_one_token_row_is_the_exact_ggn_block(tiny_cfg: Calla
     mods = lora_modules(model)
     x, m = torch.tensor([[1037]]), torch.ones(1, 1, dtype=torch.long)
     lam = 0.21  # a pair's Λ = p(1 − p), entering through g = √Λ δ
-    _, a, g = _batch_jacobians(model, mods, x, m, weights=lambda r: torch.full_like(r, math.sqrt(lam)))
+    _, a, g = batch_jacobians(model, mods, x, m, weights=lambda r: torch.full_like(r, math.sqrt(lam)))
     J = _jac(model, x, m)
     exact = {k: lam * torch.outer(J[k][0].reshape(-1), J[k][0].reshape(-1)) for k in mods}  # row-major vec
     scale = max(float(e.abs().max()) for e in exact.values())

@@ -13,11 +13,11 @@ import torch
 
 from bayesrm.overopt import (
     STAGES,
-    EvalConfig,
     GenerationConfig,
     GoldConfig,
     OveroptConfig,
     ProxyConfig,
+    ReportConfig,
     gold_training_pairs,
     load_part,
     split_instructions,
@@ -119,7 +119,7 @@ def test_pipeline_end_to_end_on_tiny_models(tmp_path: Path, tiny_cfg, monkeypatc
                                     proxy_batch_prompts=2, proxy_shard_prompts=2, template="plain"),
         gold=GoldConfig(pairs=40, members=1, model=rm, train=fast),
         proxy=ProxyConfig(pairs_per_prompt=4, members=2, model=rm, train=fast),
-        eval=EvalConfig(n_boot=50, min_prompts=3, results_dir=str(tmp_path / "results"), score_batch_size=16))
+        eval=ReportConfig(n_boot=50, min_prompts=3, results_dir=str(tmp_path / "results"), score_batch_size=16))
     for stage in ("generate", "gold", "label", "proxy", "score", "report"):
         STAGES[stage](cfg, log=lambda _: None)
     pool = load_part(cfg, "eval")

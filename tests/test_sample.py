@@ -33,15 +33,21 @@ def test_sample_pool_shards_resume_and_determinism(tiny_lm: str, tmp_path: Path)
     prompts = [f"tell me about topic {i}" for i in range(5)]
     cfg = SampleConfig(model=tiny_lm, n=3, max_new_tokens=6, shard_size=2, batch_prompts=2, template="plain",
                        backend="transformers", seed=7)
-    merged = sample_pool(prompts, cfg, tmp_path / "a")
+    lines: list[str] = []
+    merged = sample_pool(prompts, cfg, tmp_path / "a", log=lines.append)
     rows = [json.loads(x) for x in merged.read_text().splitlines()]
     assert len(rows) == 15 and [r["prompt"] for r in rows[::3]] == prompts
     assert sorted({r["sample"] for r in rows}) == [0, 1, 2]
     assert len(list((tmp_path / "a").glob("shard_*.jsonl"))) == 3
     # deleting one shard and rerunning regenerates exactly that shard
     (tmp_path / "a" / "shard_00001.jsonl").unlink()
-    again = [json.loads(x) for x in sample_pool(prompts, cfg, tmp_path / "a").read_text().splitlines()]
+    again_path = sample_pool(prompts, cfg, tmp_path / "a", log=lines.append)
+    again = [json.loads(x) for x in again_path.read_text().splitlines()]
     assert again == rows
+    assert [x for x in lines if not x.startswith("shard ")] == [
+        f"starting fresh: no finished shards in {tmp_path / 'a'}",
+        f"resuming from {tmp_path / 'a'}: 2 of 3 shards done"]
+    assert sum(x.startswith("shard 1 written: 6 samples") for x in lines) == 2  # drawn, deleted, redrawn
     # a fresh run with the same seed draws the same samples; the pool loads for best-of-n
     fresh = [json.loads(x) for x in sample_pool(prompts, cfg, tmp_path / "b").read_text().splitlines()]
     assert fresh == rows

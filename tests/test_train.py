@@ -162,6 +162,18 @@ def _killer(at: int) -> Callable[[int, float], None]:
     return on_step
 
 
+def test_train_says_whether_it_resumes_or_starts_fresh(tiny_cfg: Callable[..., RMConfig], tmp_path: Path) -> None:
+    """Before: a rerun without a checkpoint started over silently."""
+    cfg = TrainConfig(epochs=1, lr=2e-2, batch_size=4, checkpoint_every=2)  # 24 pairs: 6 steps
+    ck, lines = tmp_path / "run" / CHECKPOINT_DIR, []
+    with pytest.raises(_Kill):
+        _fit(tiny_cfg, tmp_path / "run", cfg, on_step=_killer(4), resume=True, log=lines.append)
+    _fit(tiny_cfg, tmp_path / "run", cfg, resume=True, log=lines.append)
+    _fit(tiny_cfg, tmp_path / "run", cfg, resume=False, log=lines.append)
+    assert lines == [f"starting fresh: no checkpoint in {ck}", f"resuming from {ck} (step 2 of 6)",
+                     f"starting fresh (resume not requested): removed the earlier checkpoint in {ck}"]
+
+
 @pytest.mark.parametrize("kill_at", [3, 7, 9])  # 6 steps per epoch: resume at steps 2, 6 (epoch end) and 8
 def test_resume_after_kill_matches_uninterrupted_run(tiny_cfg: Callable[..., RMConfig], tmp_path: Path,
                                                      kill_at: int) -> None:

@@ -16,7 +16,8 @@ _EXPORTS = {
     "DataError": "bayesrm.data", "Pair": "bayesrm.data", "load_pairs": "bayesrm.data",
     "split_by_prompt": "bayesrm.data",
     "EnsembleRewardModel": "bayesrm.ensemble", "train_ensemble": "bayesrm.ensemble",
-    "LaplaceConfig": "bayesrm.config", "TrainConfig": "bayesrm.config",
+    "EvalConfig": "bayesrm.config", "LaplaceConfig": "bayesrm.config", "TrainConfig": "bayesrm.config",
+    "evaluate": "bayesrm.evaluation", "export_model": "bayesrm.export",
     "LaplacePosterior": "bayesrm.laplace", "fit_laplace": "bayesrm.laplace",
     "RewardModel": "bayesrm.model", "RMConfig": "bayesrm.model",
     "SelectionSpec": "bayesrm.objectives", "parse_spec": "bayesrm.objectives",
@@ -31,6 +32,7 @@ __all__ = [
     "BonCurve",
     "DataError",
     "EnsembleRewardModel",
+    "EvalConfig",
     "HeadConfig",
     "LaplaceConfig",
     "LaplacePosterior",
@@ -47,6 +49,8 @@ __all__ = [
     "bon_curve",
     "bon_estimate",
     "bon_weights",
+    "evaluate",
+    "export_model",
     "fit_head_laplace",
     "fit_laplace",
     "kl_bon",
@@ -62,9 +66,11 @@ __all__ = [
 if TYPE_CHECKING:
     from bayesrm.active import bald_bt, select_top
     from bayesrm.bon import BonCurve, bon_curve, bon_estimate, bon_weights, kl_bon
-    from bayesrm.config import HeadConfig, LaplaceConfig, TrainConfig
+    from bayesrm.config import EvalConfig, HeadConfig, LaplaceConfig, TrainConfig
     from bayesrm.data import DataError, Pair, load_pairs, split_by_prompt
     from bayesrm.ensemble import EnsembleRewardModel, train_ensemble
+    from bayesrm.evaluation import evaluate
+    from bayesrm.export import export_model
     from bayesrm.feature_heads import fit_head_laplace, train_heads
     from bayesrm.features import pair_features
     from bayesrm.laplace import LaplacePosterior, fit_laplace

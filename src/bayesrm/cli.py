@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bayesrm.config import LaplaceConfig, TrainConfig
+from bayesrm.config import EvalConfig, LaplaceConfig, RMConfig, Subset, TrainConfig
 from bayesrm.data import (
     DataError,
     DataFormat,
@@ -33,6 +33,7 @@ app = typer.Typer(help="Uncertainty-aware reward models: Bradley–Terry LoRA RM
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 _TC = TrainConfig()  # `bayesrm train` defaults are TrainConfig's
+_RM = RMConfig()  # defaults of the model options of `train`
 
 
 def _error(message: str) -> None:
@@ -87,6 +88,8 @@ def _load(path: str, fmt: str, fields: list[str] | None, skip_invalid: bool, lim
 FormatOpt = Annotated[str, typer.Option("--format", help="auto | pairs | hh | alpaca_eval")]
 FieldOpt = Annotated[list[str] | None, typer.Option("--field", help="map schema name to column: prompt=question")]
 SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="skip (and count) invalid rows instead of failing")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config field: KEY=VALUE (repeatable; "
+                                                       "nested with dots, e.g. --set model.max_length=128)")]
 
 
 @app.command("train")
@@ -97,14 +100,20 @@ def train_cmd(
     eval_data: Annotated[str | None, typer.Option(help="evaluation pairs; default: a prompt-disjoint split")] = None,
     eval_frac: Annotated[float, typer.Option(help="fraction of prompts held out when no --eval-data")] = 0.1,
     backbone: Annotated[str, typer.Option(help="hub id, local path, or the embedded all-MiniLM-L6-v2")] = (
-        "all-MiniLM-L6-v2"),
-    template: Annotated[str, typer.Option(help="oasst | chat | plain")] = "oasst",
-    max_length: int = 500,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
+        _RM.backbone),
+    template: Annotated[str, typer.Option(help="oasst | chat | plain")] = _RM.template,
+    max_length: Annotated[int, typer.Option(help="tokens per (prompt, response), special tokens included")] = (
+        _RM.max_length),
+    prompt_budget: Annotated[float, typer.Option(help="share of max-length kept for the end of the prompt when a "
+                                                      "pair is too long")] = _RM.prompt_budget,
+    response_keep: Annotated[str, typer.Option(help="auto | end | start: which end of a long response is kept "
+                                                    "(auto: end for last-token pooling, start for encoders)")] = (
+        _RM.response_keep),
+    lora_r: int = _RM.lora_r,
+    lora_alpha: int = _RM.lora_alpha,
+    lora_dropout: float = _RM.lora_dropout,
     target_modules: Annotated[str | None, typer.Option(help="comma-separated module names")] = None,
-    head: Annotated[str, typer.Option(help="linear (BT scalar head) | bnrm (Bayesian non-negative head)")] = "linear",
+    head: Annotated[str, typer.Option(help="linear (BT scalar head) | bnrm (Bayesian non-negative head)")] = _RM.head,
     bnrm_k: Annotated[int, typer.Option(help="BNRM latent factors K")] = 1024,
     bnrm_eta: Annotated[float, typer.Option(help="BNRM KL weight η")] = 1e-5,
     freeze_backbone: Annotated[bool, typer.Option(help="train the head only (LoRA stays a no-op); with the linear "
@@ -121,13 +130,13 @@ def train_cmd(
     max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0 disables)")] = _TC.max_grad_norm,
     margin: Annotated[float, typer.Option(help="BT margin m in −log σ(r_w − r_l − m)")] = _TC.margin,
     center_coef: Annotated[float, typer.Option(help="weight of the reward-centering term")] = _TC.center_coef,
-    lora_seed: int = 0,
+    lora_seed: Annotated[int, typer.Option(help="LoRA A and head initialisation")] = _RM.lora_seed,
     data_seed: Annotated[int, typer.Option(help="data order and dropout RNG")] = _TC.data_seed,
     split_seed: int = 0,
     group_by_length: Annotated[bool, typer.Option(help="batches of similar length, in random order")] = (
         _TC.group_by_length),
     mixed_precision: Annotated[str, typer.Option(help="no | bf16")] = _TC.mixed_precision,
-    dtype: Annotated[str, typer.Option(help="backbone weights dtype: float32 | bfloat16 | float16")] = "float32",
+    dtype: Annotated[str, typer.Option(help="backbone weights dtype: float32 | bfloat16 | float16")] = _RM.dtype,
     eval_batch_size: Annotated[int, typer.Option(help="responses per evaluation batch")] = _TC.eval_batch_size,
     checkpoint_every: Annotated[int, typer.Option(help="optimizer steps between atomic checkpoints in OUT/checkpoint "
                                                        "(0: epoch ends only); a killed run continued with --resume "
@@ -146,7 +155,7 @@ def train_cmd(
     over the processes; rank 0 writes the run directory.
     """
     from bayesrm import dist
-    from bayesrm.model import RewardModel, RMConfig
+    from bayesrm.model import RewardModel
     from bayesrm.train import train
 
     rank, size = dist.init_from_launcher()
@@ -160,7 +169,8 @@ def train_cmd(
         train_pairs, eval_pairs = pairs, _load(eval_data, format, field, skip_invalid)
     else:
         train_pairs, eval_pairs = split_by_prompt(pairs, (1 - eval_frac, eval_frac), split_seed)
-    mc = RMConfig(backbone=backbone, template=template, max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
+    mc = RMConfig(backbone=backbone, template=template, max_length=max_length, prompt_budget=prompt_budget,
+                  response_keep=response_keep, lora_r=lora_r, lora_alpha=lora_alpha,
                   lora_dropout=lora_dropout, lora_seed=lora_seed,
                   target_modules=target_modules.split(",") if target_modules else None,
                   head=head, bnrm={"k": bnrm_k, "eta": bnrm_eta} if head == "bnrm" else None, dtype=dtype,
@@ -184,7 +194,7 @@ def train_cmd(
         history = train_on_features(model, train_pairs, tc, out, eval_pairs=eval_pairs, cache_dir=feature_cache,
                                     log=console.print)
     else:
-        history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume)
+        history = train(model, train_pairs, tc, out, eval_pairs=eval_pairs, resume=resume, log=console.print)
     _print_metrics("final", history[-1])
     console.print(f"model saved to {out / 'model'}")
 
@@ -204,6 +214,7 @@ def _print_metrics(title: str, row: dict[str, Any]) -> None:
 
 
 _LA = LaplaceConfig()  # defaults of the options below
+_EVAL = EvalConfig()
 
 
 @app.command("laplace")
@@ -215,7 +226,9 @@ def laplace_cmd(
     val_data: Annotated[str | None, typer.Option(help="validation pairs (for --tau-method val_nll)")] = None,
     kfac: Annotated[str, typer.Option(help="pair | reduce | expand (Kronecker factorisation of the BT GGN)")] = (
         _LA.kfac),
-    subset: Annotated[str, typer.Option(help="lora (Laplace-LoRA) | head (last-layer baseline)")] = _LA.subset,
+    subset: Annotated[str | None, typer.Option(help="lora (Laplace-LoRA) | head (last-layer); default lora, or "
+                                                    "head for a model without LoRA (a transformers reward "
+                                                    "model)")] = None,
     tau_method: Annotated[str, typer.Option(help="marglik | mackay | val_nll | fixed")] = _LA.tau_method,
     prior_structure: Annotated[str, typer.Option(help="global | layerwise")] = _LA.prior_structure,
     prior_precision: Annotated[float, typer.Option(help="initial / fixed τ")] = _LA.prior_precision,
@@ -253,15 +266,17 @@ def laplace_cmd(
     from bayesrm.laplace import fit_laplace
     from bayesrm.model import RewardModel
 
-    cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
-                        prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
-                        batch_size=batch_size).for_training(run.train_config())
     device = None
     if world > 1 and torch.cuda.is_available():
         from accelerate import PartialState
 
         device = PartialState().device  # this rank's GPU
     model = RewardModel.load(run.model_dir, device=device)
+    if subset is None:
+        subset = Subset.HEAD.value if model.config.seq_cls else _LA.subset
+    cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
+                        prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
+                        batch_size=batch_size).for_training(run.train_config())
     with progress_bar("KFAC fit (pairs)", len(dist.shard(pairs)), console) as advance:
         post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
     if proc == 0:
@@ -276,55 +291,66 @@ def laplace_cmd(
 @app.command("eval")
 @_friendly
 def eval_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="trained model")],
-    data: Annotated[str, typer.Argument(help="test pairs")],
-    ood: Annotated[str | None, typer.Option(help="out-of-distribution pairs: report AUROC of σ (ID vs OOD)")] = None,
+    model_dir: Annotated[Path, typer.Argument(help="trained model (with its Laplace posterior if fitted) or an "
+                                                   "ensemble dir")],
+    data: Annotated[str, typer.Argument(help="test pairs (a source/subset column gives per-subset results)")],
+    out: Annotated[Path, typer.Option(help="output dir: report.json, report.md, reliability.png, selective.png, "
+                                           "predictions.jsonl")] = Path("runs/eval"),
+    ood: Annotated[str | None, typer.Option(help="out-of-distribution pairs: AUROC of σ for ID vs OOD")] = None,
+    levels: Annotated[str, typer.Option(help="nominal levels of the predictive intervals, comma-separated")] = ",".join(
+        f"{x:g}" for x in _EVAL.levels),
+    n_bins: Annotated[int, typer.Option(help="confidence bins (ECE, MCE, reliability)")] = _EVAL.n_bins,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates over prompts for CIs")] = _EVAL.n_boot,
+    batch_size: int = _EVAL.batch_size,
     limit: int | None = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write metrics here")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the headline numbers here")] = None,
     format: FormatOpt = DataFormat.AUTO.value,
     field: FieldOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
-    """Accuracy, NLL and ECE for MAP (and Laplace when a posterior exists); OOD AUROC of σ."""
-    from bayesrm.experiment import pair_eval
-    from bayesrm.io import atomic_write_json, json_text
-    from bayesrm.laplace import LaplacePosterior
-    from bayesrm.metrics import auroc
-    from bayesrm.model import RewardModel
+    """Accuracy, NLL, Brier, ECE/MCE, interval coverage, selective prediction and σ's error/OOD AUROC for the MAP
+    and the Bayesian predictive (Laplace, BNRM or ensemble), per subset when the data has one."""
+    from bayesrm.evaluation import evaluate, render_markdown, summary
+    from bayesrm.io import atomic_write_json, check_target, json_text
 
+    try:
+        lv = tuple(float(x) for x in levels.split(","))
+    except ValueError:
+        raise ValueError(f"--levels expects numbers in (0, 1) separated by commas, got {levels!r}") from None
+    cfg = EvalConfig(levels=lv, n_bins=n_bins, n_boot=n_boot, batch_size=batch_size)
+    check_target(out, want_dir=True)
     if json_out:
         check_target(json_out)
     pairs = _load(data, format, field, skip_invalid, limit)
-    run = RunDir.of(model_dir)
-    model = RewardModel.load(run.model_dir)
-    found = run.find_posterior()
-    post = LaplacePosterior.load(found, model) if found is not None else None  # checked against the model
-    if post is not None:
-        seen = post.fitted_fraction(pairs)
-        if seen:
-            console.print(f"[bold yellow]warning:[/] {seen:.0%} of the pairs in {data} were used to fit the "
-                          "posterior: these metrics are in-sample")
-    row = pair_eval(model, pairs, post)
-    if len({p.prompt for p in pairs}) > 1:  # does the model read the prompt? (own vs a swapped prompt)
-        from bayesrm.sensitivity import measure_prompt_sensitivity
-
-        def predict(prompts: list[str], responses: list[str]) -> tuple[Any, Any]:
-            return post.predict(model, prompts, responses) if post else (model.score(prompts, responses), None)
-
-        sens = measure_prompt_sensitivity(predict, [p.prompt for p in pairs], [p.chosen for p in pairs])
-        row |= {f"prompt_{k}": v for k, v in sens.items() if k != "n"}
-    if ood:
-        if post is None:
-            raise ValueError("--ood needs a Laplace posterior: run `bayesrm laplace` first")
-        ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit)
-        _, v_id = post.predict(model, [p.prompt for p in pairs], [p.chosen for p in pairs])
-        _, v_ood = post.predict(model, [p.prompt for p in ood_pairs], [p.chosen for p in ood_pairs])
-        row |= {"ood_auroc_sigma": auroc(v_ood.sqrt().numpy(), v_id.sqrt().numpy()),
-                "sigma_id_mean": float(v_id.sqrt().mean()), "sigma_ood_mean": float(v_ood.sqrt().mean())}
-    _print_metrics(f"{model_dir} on {data}", row)
+    ood_pairs = _load(ood, DataFormat.AUTO.value, None, skip_invalid, limit) if ood else []
+    report = evaluate(model_dir, pairs, cfg, out, ood_pairs, meta={"data": data, "ood": ood})
+    console.print(render_markdown(report))
+    seen = report["meta"]["in_sample_fraction"]
+    if seen:
+        console.print(f"[bold yellow]warning:[/] {seen:.0%} of the pairs in {data} were used to fit the posterior: "
+                      "these metrics are in-sample")
+    console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; plots: {out / 'reliability.png'}, "
+                  f"{out / 'selective.png'}; predictions: {out / 'predictions.jsonl'}")
+    row = summary(report)
     if json_out:
         atomic_write_json(json_out, row)
     print(json_text(row, "<stdout>"))
+
+
+@app.command("export")
+@_friendly
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="trained bayesrm model (run dir or model dir)")],
+    out: Annotated[Path, typer.Argument(help="output: a transformers AutoModelForSequenceClassification folder, "
+                                             "with the peft adapter form in OUT/adapter")],
+) -> None:
+    """Export to plain transformers (LoRA merged) and to a peft adapter (head in modules_to_save), both checked."""
+    from bayesrm.export import ADAPTER_DIR, export_model
+
+    info = export_model(run, out)
+    console.print(f"exported to {out} (merged; max |Δr| {info['merged_max_abs_error']:.2g} through transformers) "
+                  f"and {out / ADAPTER_DIR} (peft; max |Δr| {info['adapter_max_abs_error']:.2g}); input format in "
+                  f"{out / 'README.md'}")
 
 
 @app.command("score")
@@ -422,11 +448,12 @@ def bon_cmd(
     config: Annotated[Path, typer.Argument(help="experiment config (.toml or .json)")],
     out: Annotated[Path, typer.Option(help="output directory (resumable: finished stages are reused)")] = Path(
         "runs/bon"),
+    set_: SetOpt = None,
 ) -> None:
     """Best-of-n overoptimisation experiment: gold vs proxy vs KL for MAP, Laplace and ensemble rewards."""
     from bayesrm.experiment import load_config, run_bon
 
-    _report(run_bon(load_config(config), out, log=console.print), out)
+    _report(run_bon(load_config(config, set_ or []), out, log=console.print), out)
 
 
 def _report(results: dict[str, Any], out: Path) -> None:
@@ -484,7 +511,7 @@ def sample_cmd(
                        top_p=top_p, template=template, shard_size=shard_size, batch_prompts=batch_prompts, seed=seed,
                        backend=backend, threads=threads, fmt=fmt)
     with progress_bar(f"sampling {n} per prompt", len(texts), console) as advance:
-        path = sample_pool(texts, cfg, out, progress=advance)
+        path = sample_pool(texts, cfg, out, progress=advance, log=console.print)
     console.print(f"pool of {len(texts)} prompts × {n} written to {path}")
 
 
@@ -616,13 +643,12 @@ def rlhf_cmd(
         "runs/rlhf"),
     only: Annotated[list[str] | None, typer.Option(help="run only these runs of the config (repeatable)")] = None,
     steps: Annotated[int | None, typer.Option(help="override the config's optimiser steps")] = None,
+    set_: SetOpt = None,
 ) -> None:
     """RLHF overoptimisation: RLOO/GRPO on a proxy RM per selection spec; gold, proxy and KL per step."""
     from bayesrm.rlhf import load_config, run_rlhf
 
-    cfg = load_config(config)
-    if steps is not None:
-        cfg.steps = steps
+    cfg = load_config(config, [*(set_ or []), *([f"steps={steps}"] if steps is not None else [])])
     results = run_rlhf(cfg, out, only=only, log=console.print)
     console.print((out / "results.md").read_text())
     done = ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in results["runs"].items())

@@ -143,7 +143,8 @@ class Pooling(str, Enum):
 
 
 _LEGACY_TRUNCATION: dict[str, Any] = {"prompt_budget": 0.0, "response_keep": "end"}  # saved before these fields
-_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False}  # added after format_version 1
+_NEW_FIELDS = {"head": Head.LINEAR.value, "bnrm": None, "freeze_backbone": False,
+               "seq_cls": False}  # added after format_version 1
 
 
 @dataclass
@@ -168,6 +169,8 @@ class RMConfig:
     head: str = Head.LINEAR.value  # linear | bnrm
     bnrm: dict[str, Any] | None = None  # BNRMConfig fields for head="bnrm" (None: its defaults)
     freeze_backbone: bool = False  # train the head only: the LoRA adapter stays at its no-op init (B = 0)
+    seq_cls: bool = False  # `backbone` is a transformers *ForSequenceClassification reward model used as is: no
+    #                        LoRA; its final one-output linear layer is the head (scoring, head-only Laplace)
 
     def to_dict(self) -> dict[str, Any]:
         """Fields as saved; fields added later are written only when set, so older models keep their bytes."""
@@ -243,3 +246,22 @@ class SelectBy(str, Enum):
     BALD = "bald"  # mutual information between the label and the parameters (expected information gain)
     SIGMA = "sigma"  # σ_Δ = √Var Δ, the posterior std of the reward difference
     RANDOM = "random"  # a seeded random order (the baseline)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `bayesrm eval`."""
+
+    levels: tuple[float, ...] = (0.5, 0.9, 0.95)  # nominal levels of the central predictive intervals
+    n_bins: int = 10  # equal-width confidence bins on [0.5, 1] for ECE, MCE and the reliability diagram
+    n_boot: int = 1000  # bootstrap replicates (resampling prompts) for the confidence intervals
+    ci_level: float = 0.95  # level of those intervals
+    seed: int = 0  # bootstrap seed
+    batch_size: int = 16  # forward batch size
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(float(x) for x in self.levels)
+        if not self.levels or any(not 0 < x < 1 for x in self.levels):
+            raise ValueError(f"coverage levels must lie in (0, 1), got {list(self.levels)}")
+        if self.n_bins < 1 or self.n_boot < 1 or not 0 < self.ci_level < 1:
+            raise ValueError("need n_bins ≥ 1, n_boot ≥ 1 and 0 < ci_level < 1")

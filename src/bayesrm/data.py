@@ -351,6 +351,8 @@ def _generic_pair(row: Mapping[str, Any], fields: Mapping[str, str]) -> Pair:
     chosen = _text(row, fields.get("chosen", "chosen"))
     rejected = _text(row, fields.get("rejected", "rejected"))
     rid, src, meta = row.get(fields.get("id", "id")), row.get(fields.get("source", "source")), row.get("meta")
+    if src is None and "source" not in fields:
+        src = row.get("subset")  # RewardBench's name for the column
     return Pair(prompt, chosen, rejected, id=None if rid is None else str(rid),
                 source=None if src is None else str(src), meta=meta if isinstance(meta, dict) else {})
 

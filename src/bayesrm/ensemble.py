@@ -143,6 +143,12 @@ def train_ensemble(
                 _check_resumable(old, manifest, out)
                 for i, e in enumerate(old["entries"]):
                     manifest["entries"][i] = e
+                done = sum(e["status"] == MemberStatus.DONE.value for e in manifest["entries"])
+                if log is not None:
+                    log(f"resuming from {path}: {done} of {members} members done")
+            elif log is not None:
+                log(f"starting fresh: no ensemble manifest in {out}" if resume else
+                    f"starting fresh (resume not requested) in {out}")
             atomic_write_json(path, manifest)
         except ValueError as e:
             refused = str(e)
@@ -178,7 +184,7 @@ def train_ensemble(
                 log(f"{entry['name']}: training{where} (lora_seed={mc.lora_seed}, data_seed={tc.data_seed})")
             with dist.solo() if size > 1 else nullcontext():
                 history = train(RewardModel(mc), pairs, tc, dirs[i], eval_pairs=eval_pairs, resume=resume,
-                                show_progress=show_progress and size == 1)
+                                show_progress=show_progress and size == 1, log=log)
             final = history[-1] if history else {}
         for i, metrics in zip(wave, dist.gather(final), strict=False):
             entries[i]["status"] = MemberStatus.DONE.value
@@ -438,6 +444,23 @@ class EnsembleRewardModel(nn.Module):
             raise ValueError("this ensemble was built without member directories; pass the posteriors")
         return posts
 
+    def _per_member(self, posts: Sequence[LaplacePosterior],
+                    fn: Callable[[LaplacePosterior, RewardModel], tuple[torch.Tensor, torch.Tensor]]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """fn(member's renamed and checked posterior, member view) for every member, stacked to (M, ·) each."""
+        if len(posts) != len(self):
+            raise ValueError(f"{len(posts)} posteriors for {len(self)} members")
+        means, variances = [], []
+        for i, (name, post) in enumerate(zip(self.names, posts, strict=True)):
+            view = self.member(i)
+            renamed = _posterior_for(post, name)
+            renamed.check_matches(view)
+            mu, var = fn(renamed, view)
+            means.append(mu)
+            variances.append(var)
+        self.backbone.set_adapter(self.names[0], inference_mode=True)  # type: ignore[operator]
+        return torch.stack(means), torch.stack(variances)
+
     def predict_members(self, posteriors: Sequence[LaplacePosterior | str | Path] | None, prompts: Sequence[str],
                         responses: Sequence[str], batch_size: int = 16,
                         progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,16 +472,10 @@ class EnsembleRewardModel(nn.Module):
         """
         posts = self.load_posteriors() if posteriors is None else [
             p if isinstance(p, LaplacePosterior) else LaplacePosterior.load(p) for p in posteriors]
-        if len(posts) != len(self):
-            raise ValueError(f"{len(posts)} posteriors for {len(self)} members")
         ids = self.encode(prompts, responses)
-        means, variances = [], []
-        for i, (name, post) in enumerate(zip(self.names, posts, strict=True)):
-            view = self.member(i)
-            renamed = _posterior_for(post, name)
-            renamed.check_matches(view)
-            mu, var = renamed.predict_ids(view, ids, batch_size, progress)
-            means.append(mu)
-            variances.append(var)
-        self.backbone.set_adapter(self.names[0], inference_mode=True)  # type: ignore[operator]
-        return torch.stack(means), torch.stack(variances)  # (M, N) each
+        return self._per_member(posts, lambda post, view: post.predict_ids(view, ids, batch_size, progress))
+
+    def predict_member_pairs(self, posteriors: Sequence[LaplacePosterior], pairs: Sequence[Pair],
+                             batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's Laplace (μ_Δ, Var(Δ)) per pair with the joint pair Jacobian, (M, P) each."""
+        return self._per_member(posteriors, lambda post, view: post.predict_pairs(view, pairs, batch_size))

@@ -6,16 +6,18 @@ model on a disjoint set of evaluation prompts, then the unbiased BoN estimator f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bayesrm import config_file
 from bayesrm.bon import BonCurve, bon_curve, default_ns
 from bayesrm.data import Pair, save_pairs, split_prompts
 from bayesrm.ensemble import save_standardization, train_ensemble
@@ -58,37 +60,9 @@ class BonConfig:
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
 
 
-def _fill(cls: Any, data: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; valid: {sorted(known)}")
-    kw, defaults = {}, cls()
-    for k, v in data.items():
-        default = getattr(defaults, k)
-        if is_dataclass(default) and isinstance(v, dict):
-            kw[k] = _fill(type(default), v, f"{where}.{k}")
-        else:
-            kw[k] = v
-    return cls(**kw)
-
-
-def load_config(path: str | Path) -> BonConfig:
-    """Read a BonConfig from .toml or .json; unknown fields are reported with their section."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: config file not found")
-    text = p.read_text()
-    try:
-        if p.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: cannot parse config: {e}") from None
-    cfg: BonConfig = _fill(BonConfig, data, str(p))
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> BonConfig:
+    """Read a BonConfig from .toml or .json plus `--set KEY=VALUE` overrides; unknown or mistyped fields fail."""
+    cfg = config_file.load_config(BonConfig, path, overrides)
     for m in cfg.methods:
         parse_spec(m)  # fail early on a bad method spec
     return cfg
@@ -109,13 +83,21 @@ def split_pool(pool: Pool, cfg: BonConfig) -> tuple[list[int], list[int], list[i
     return tr, va, ev
 
 
-def _cached_scores(path: Path, compute: Any) -> dict[str, np.ndarray]:
+def _cached_scores(path: Path, compute: Any, prompts: Sequence[str], responses: Sequence[str]
+                   ) -> dict[str, np.ndarray]:
+    """Scores of the evaluation candidates, computed once; a cache written for other candidates is recomputed."""
+    h = hashlib.sha256()
+    for p, r in zip(prompts, responses, strict=True):
+        h.update(json.dumps([p, r]).encode())
+    key = h.hexdigest()
     if path.exists():
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            cached = {k: z[k] for k in z.files}
+        if str(cached.pop("candidates_sha256", "")) == key:
+            return cached
     out = compute()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **out)
+        np.savez(f, **out, candidates_sha256=np.array(key))
     return dict(out)
 
 
@@ -124,6 +106,11 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     from bayesrm.plots import plot_bon, plot_k_sweep
 
     out = Path(out_dir)
+    if (out / "proxy" / "manifest.json").exists():
+        log(f"resuming from {out}: finished proxy members, posteriors and cached scores are reused")
+    else:
+        log(f"starting fresh: no checkpoint in {out}")
+    gold_model = RewardModelGold(cfg.gold) if cfg.gold != "pool" else None  # a missing gold model fails first
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
     t0 = time.time()
@@ -131,9 +118,9 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
         pool = alpaca_eval_pool(cfg.data_dir, exclude_generators=cfg.exclude_generators)
     else:
         pool = load_pool(cfg.pool)
-    if cfg.gold != "pool":
+    if gold_model is not None:
         log(f"scoring the pool with the gold reward model {cfg.gold}")
-        pool.gold = pool.unflatten(RewardModelGold(cfg.gold)(*pool.flat()))
+        pool.gold = pool.unflatten(gold_model(*pool.flat()))
         pool.meta["gold"] = cfg.gold
     if pool.gold is None:
         raise ValueError(f"pool {cfg.pool} has no gold rewards: set gold to a reward model (bayesrm dir or HF id)")
@@ -156,12 +143,17 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
     for i, mdir in enumerate(member_dirs):
         model = RewardModel.load(mdir)
         run = RunDir.of(mdir)
-        if run.find_posterior() is not None:
-            post = LaplacePosterior.load(run.require_posterior(), model)  # checked against the model
-        else:
+        lcfg = cfg.laplace.for_training(asdict(cfg.train))
+        found = run.find_posterior()
+        post = LaplacePosterior.load(found, model) if found is not None else None  # checked against the model
+        if post is not None and asdict(post.cfg) != asdict(lcfg):
+            log(f"member {i}: the posterior in {run.posterior_dir} was fitted with other laplace settings; refitting")
+            post = None
+            (mdir / "eval_scores.npz").unlink(missing_ok=True)
+        if post is None:
             log(f"member {i}: fitting Laplace-LoRA on {len(train_pairs)} pairs")
             with progress_bar("laplace fit (pairs)", len(train_pairs)) as advance:
-                post = fit_laplace(model, train_pairs, cfg.laplace.for_training(asdict(cfg.train)), val_pairs=val_pairs,
+                post = fit_laplace(model, train_pairs, lcfg, val_pairs=val_pairs,
                                    progress=advance)
             post.save(run.posterior_dir)
         taus = sorted(post.tau.values())
@@ -177,7 +169,7 @@ def run_bon(cfg: BonConfig, out_dir: str | Path, log: Any = print) -> dict[str, 
                 m, v = post.predict(model, prompts, responses, cfg.score_batch_size, progress=advance)
             return {"mean": m.numpy(), "var": v.numpy()}
 
-        sc = _cached_scores(mdir / "eval_scores.npz", compute)
+        sc = _cached_scores(mdir / "eval_scores.npz", compute, prompts, responses)
         means.append(sc["mean"])
         variances.append(sc["var"])
     M = torch.as_tensor(np.stack(means))  # (members, N)

@@ -13,7 +13,7 @@ import torch
 
 from bayesrm.data import Pair
 from bayesrm.pool import Pool
-from bayesrm.run import RunDir
+from bayesrm.run import CONFIG_NAME, RunDir
 
 
 class RewardModelGold:
@@ -35,7 +35,9 @@ class RewardModelGold:
                 self._tok = AutoTokenizer.from_pretrained(name)
                 self._hf = AutoModelForSequenceClassification.from_pretrained(name).eval()
             except OSError as e:
-                raise ValueError(f"gold reward model '{name}' cannot be loaded: {e}") from None
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"gold reward model '{name}': not a bayesrm model directory (no {CONFIG_NAME}) and "
+                                 f"not loadable as an HF reward model ({first})") from None
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:

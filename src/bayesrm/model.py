@@ -14,7 +14,7 @@ from torch import nn
 from bayesrm.batching import scoring_batches
 from bayesrm.config import EMBEDDED_BACKBONE, Pooling, RMConfig
 from bayesrm.data import DataError
-from bayesrm.heads import build_head
+from bayesrm.heads import LinearHead, build_head
 from bayesrm.integrity import (
     CHECKSUMS_KEY,
     load_tensors,
@@ -24,8 +24,8 @@ from bayesrm.integrity import (
     verify_checksums,
 )
 from bayesrm.io import atomic_dir, json_text
-from bayesrm.run import CONFIG_NAME, find_model_dir
-from bayesrm.templates import ResponseKeep, encode
+from bayesrm.run import CONFIG_NAME, find_model_dir, is_seq_cls_dir
+from bayesrm.templates import ResponseKeep, Template, encode
 
 _EMBEDDED_ALIASES = {EMBEDDED_BACKBONE, "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet",
@@ -47,8 +47,8 @@ def resolve_backbone(name: str) -> str:
 
 
 def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
-    """Load (base model without LM head, tokenizer) for `cfg.backbone`."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """Load (base model without LM head, tokenizer) for `cfg.backbone`; the whole sequence classifier if `seq_cls`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -61,12 +61,15 @@ def load_backbone(cfg: RMConfig) -> tuple[nn.Module, Any]:
             for name, value in list(vars(hf_cfg).items()):
                 if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
                     setattr(hf_cfg, name, 0.0)
-        base = AutoModel.from_pretrained(src, config=hf_cfg, dtype=getattr(torch, cfg.dtype), **kw)
+        auto = AutoModelForSequenceClassification if cfg.seq_cls else AutoModel
+        base = auto.from_pretrained(src, config=hf_cfg, dtype=getattr(torch, cfg.dtype), **kw)
     except OSError as e:
         raise ValueError(f"cannot load backbone '{cfg.backbone}': {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
+    if cfg.seq_cls and base.config.pad_token_id is None:  # transformers refuses padded batches without it
+        base.config.pad_token_id = tok.pad_token_id
     return base, tok
 
 
@@ -115,6 +118,13 @@ class RewardModel(nn.Module):
         self.encoder = is_encoder(base)
         pooling = Pooling(config.pooling)
         self.pooling = (Pooling.FIRST if self.encoder else Pooling.LAST) if pooling is Pooling.AUTO else pooling
+        self.lora_init: dict[str, torch.Tensor] = {}
+        self.backbone: Any  # the peft model (or, with seq_cls, the transformers sequence classifier)
+        if config.seq_cls:  # the classifier's final layer becomes a tap; its weights become our linear head
+            self.backbone = base.requires_grad_(False)
+            self.head: Any = tap_seq_cls_head(base)
+            self.head_init: torch.Tensor | None = None  # no initialisation known: a zero-mean head prior
+            return
         if config.target_modules is None:
             config.target_modules = default_target_modules(base)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -125,23 +135,28 @@ class RewardModel(nn.Module):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self.backbone = get_peft_model(base, lora)
             hidden = int(base.config.hidden_size)  # type: ignore[union-attr, arg-type]
-            self.head: Any = build_head(config.head, hidden, config.bnrm)  # the `heads` interface
+            self.head = build_head(config.head, hidden, config.bnrm)  # the `heads` interface
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
         # LoRA A at initialisation: the Laplace prior mean of A (B starts at 0), saved with the model
-        self.lora_init: dict[str, torch.Tensor] = {
+        self.lora_init = {
             n: p.detach().clone() for n, p in self.named_parameters() if ".lora_A." in n}
         # the head's initial weight (drawn from lora_seed, so a loaded model redraws the same): the prior mean of
         # a head-only Laplace posterior
         w = getattr(self.head, "weight", None)
-        self.head_init: torch.Tensor | None = w.detach().clone() if isinstance(w, torch.Tensor) else None
+        self.head_init = w.detach().clone() if isinstance(w, torch.Tensor) else None
 
     # ------------------------------------------------------------------ forward / scoring
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled hidden state at the reward token, (B, d), at least float32."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, d)
-        pooled = pool_hidden(h, attention_mask, self.pooling)
+        """Pooled hidden state at the reward token, (B, d), at least float32 (`seq_cls`: the head's input)."""
+        if self.config.seq_cls:
+            tap = _tap_of(self.backbone)
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            h = tap.take()  # (B, T, d) for decoders' `score`, already pooled (B, d) for encoders' heads
+        else:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, d)
+        pooled = pool_hidden(h, attention_mask, self.pooling) if h.dim() == 3 else h
         return pooled.to(torch.promote_types(pooled.dtype, torch.float32))  # upcast bf16/fp16; keep fp64
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -169,12 +184,17 @@ class RewardModel(nn.Module):
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    @property
+    def keeps_response_end(self) -> bool:
+        """Whether truncation keeps the end of an over-long response (`response_keep`, auto: decoders do)."""
+        keep = ResponseKeep(self.config.response_keep)
+        return self.pooling is Pooling.LAST if keep is ResponseKeep.AUTO else keep is ResponseKeep.END
+
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids per (prompt, response) with this model's template and max length."""
-        keep = ResponseKeep(self.config.response_keep)
-        keep_end = self.pooling is Pooling.LAST if keep is ResponseKeep.AUTO else keep is ResponseKeep.END
         return encode(self.tokenizer, prompts, responses, template=self.config.template,
-                      max_length=self.config.max_length, prompt_budget=self.config.prompt_budget, keep_end=keep_end)
+                      max_length=self.config.max_length, prompt_budget=self.config.prompt_budget,
+                      keep_end=self.keeps_response_end)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
@@ -236,6 +256,9 @@ class RewardModel(nn.Module):
         """Write adapter + head (safetensors) + bayesrm.json atomically into directory `path`."""
         from safetensors.torch import save_file
 
+        if self.config.seq_cls:
+            raise ValueError(f"{self.config.backbone} is a transformers model: it stays where it is (bayesrm writes "
+                             "only its posterior)")
         with atomic_dir(path) as tmp:
             self.backbone.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_NAME))
@@ -251,6 +274,10 @@ class RewardModel(nn.Module):
         from peft import set_peft_model_state_dict
 
         p = find_model_dir(path)
+        if is_seq_cls_dir(p):
+            model = cls(seq_cls_config(p))
+            model.eval()
+            return model if device is None else model.to(device)
         cfg, meta = read_config(p)
         verify_checksums(p, meta, p / CONFIG_NAME, required=(ADAPTER_NAME, HEAD_NAME))
         model = cls(cfg)
@@ -292,3 +319,82 @@ def read_config(model_dir: Path) -> tuple[RMConfig, dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
         raise DataError(str(e), file=str(cfg_file)) from None
 
+
+
+# --------------------------------------------------------------------------- transformers reward models
+
+
+def seq_cls_config(path: Path) -> RMConfig:
+    """RMConfig that scores a transformers sequence-classification reward model as it is.
+
+    Inputs are built as `bayesrm_input_format` in config.json records when bayesrm exported the model (template,
+    length, truncation); otherwise with the tokenizer's chat template (plain prompt + response without one) up to
+    the model's maximum length.
+    """
+    from transformers import AutoTokenizer
+
+    raw = json.loads((path / "config.json").read_text())
+    labels = int(raw.get("num_labels", len(raw.get("id2label") or {}) or 2))
+    if labels != 1:
+        raise ValueError(f"{path}: a reward model has one output (num_labels=1), this one has {labels}")
+    dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "float32")
+    fmt = raw.get("bayesrm_input_format")
+    if fmt:
+        return RMConfig(backbone=str(path), template=fmt["template"], max_length=int(fmt["max_length"]),
+                        prompt_budget=float(fmt["prompt_budget"]), response_keep=fmt["response_keep"],
+                        seq_cls=True, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    template = Template.CHAT if getattr(tok, "chat_template", None) else Template.PLAIN
+    max_length = min(int(tok.model_max_length), int(raw.get("max_position_embeddings", 512)))
+    return RMConfig(backbone=str(path), template=template.value, max_length=max_length, seq_cls=True, dtype=dtype)
+
+
+class _Tap(nn.Module):
+    """Stands in for a layer of a sequence classifier (d → out): keeps its input, the reward features."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self._seen: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._seen = x
+        return x[..., : self.out_features]  # the replaced layer's shape; what follows it is not used
+
+    def take(self) -> torch.Tensor:
+        """The input of the last forward, once."""
+        if self._seen is None:
+            raise RuntimeError("no forward pass reached the tapped layer")
+        x, self._seen = self._seen, None
+        return x
+
+
+def _tap_of(model: nn.Module) -> _Tap:
+    return next(m for m in model.modules() if isinstance(m, _Tap))
+
+
+def tap_seq_cls_head(model: nn.Module) -> LinearHead:
+    """Tap a sequence classifier's features and return its final one-output layer as a LinearHead.
+
+    The final linear layer (`score`, `classifier`, `classifier.out_proj`) is replaced by a `_Tap` and its weights
+    (bias 0 if none) become the head. A model bayesrm exported records `feature_layer`, the s·I layer in front
+    of tanh (`export` module doc): that layer is tapped instead and the head weight multiplied back by s, so the
+    features and head are bayesrm's own (a head-only posterior then matches the original model's).
+    """
+    named = dict(model.named_modules())
+    finals = [n for n, m in named.items() if isinstance(m, nn.Linear)]
+    if not finals or named[finals[-1]].out_features != 1:
+        raise ValueError(f"{type(model).__name__}: no final one-output linear layer to use as the reward head")
+    final = named[finals[-1]]
+    assert isinstance(final, nn.Linear)
+    fmt = getattr(model.config, "bayesrm_input_format", None) or {}
+    tapped = fmt.get("feature_layer") or finals[-1]
+    if tapped not in named:
+        raise ValueError(f"{type(model).__name__}: recorded feature layer '{tapped}' is not in the model")
+    head = LinearHead(final.in_features)
+    with torch.no_grad():
+        head.weight.copy_(final.weight.float() * float(fmt.get("feature_scale", 1.0)))
+        head.bias.copy_(final.bias.float() if final.bias is not None else torch.zeros(1))
+    parent, _, attr = tapped.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, _Tap(int(named[tapped].out_features)))
+    return head

@@ -82,7 +82,7 @@ class ProxyConfig:
 
 
 @dataclass
-class EvalConfig:
+class ReportConfig:
     """Best-of-n on the evaluation pool: every method on the same members and the same samples."""
 
     methods: list[str] = field(default_factory=lambda: [
@@ -111,7 +111,7 @@ class OveroptConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     gold: GoldConfig = field(default_factory=GoldConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         if self.eval_prompts < 1 or self.val_prompts < 0 or self.proxy_prompts < 1:

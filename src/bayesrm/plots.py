@@ -1,4 +1,5 @@
-"""Figures for BoN overoptimisation experiments, written as PNGs atomically (`io.atomic_path`).
+"""Figures (BoN overoptimisation, reliability diagrams, selective prediction) as PNGs, written atomically
+(`io.atomic_path`).
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend state), so it is safe to call
 from scripts, tests and worker threads alike.
@@ -80,4 +81,52 @@ def plot_k_sweep(results: dict[str, dict[float, float]], path: str | os.PathLike
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(title="penalty", frameon=False)
+    return _save_atomic(fig, path)
+
+
+def plot_reliability(reliability: dict[str, dict[str, list[float | None]]], path: str | os.PathLike[str],
+                     title: str) -> Path:
+    """Reliability diagram: accuracy vs mean confidence per bin, one line per predictive, and the bins' counts."""
+    if not reliability:
+        raise ValueError("plot_reliability needs at least one predictive")
+    fig = Figure(figsize=(6.0, 6.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax, ax_n = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    ax.plot([0.5, 1.0], [0.5, 1.0], color="0.5", linestyle="--", linewidth=1, label="perfect calibration")
+    n_bins = len(next(iter(reliability.values()))["count"])
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    width = 0.5 / n_bins / (len(reliability) + 1)
+    for j, ((name, r), (colour, marker)) in enumerate(zip(reliability.items(), _styles(len(reliability)),
+                                                          strict=True)):
+        keep = [i for i, c in enumerate(r["count"]) if c and r["confidence"][i] is not None]
+        conf = np.array([r["confidence"][i] for i in keep], dtype=np.float64)  # (K,)
+        acc = np.array([r["accuracy"][i] for i in keep], dtype=np.float64)  # (K,)
+        ax.plot(conf, acc, label=name, color=colour, marker=marker, markersize=5, linewidth=1.5)
+        ax_n.bar(edges[:-1] + (j + 0.5) * width, r["count"], width=width, color=colour, label=name)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False)
+    ax_n.set_xlabel("confidence max(p, 1 − p)")
+    ax_n.set_ylabel("pairs")
+    ax_n.set_xlim(0.5, 1.0)
+    return _save_atomic(fig, path)
+
+
+def plot_selective(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike[str],
+                   title: str) -> Path:
+    """Selective prediction: accuracy of the most confident fraction of pairs against that fraction (coverage)."""
+    if not curves:
+        raise ValueError("plot_selective needs at least one curve")
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for (name, (cov, acc)), (colour, _) in zip(curves.items(), _styles(len(curves)), strict=True):
+        ax.plot(cov, acc, label=f"{name} (area {float(np.mean(acc)):.3f})", color=colour, linewidth=1.5)
+    ax.set_xlabel("coverage (fraction of pairs kept)")
+    ax.set_ylabel("accuracy on kept pairs")
+    ax.set_title(title)
+    ax.set_xlim(0.0, 1.0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False)
     return _save_atomic(fig, path)

@@ -57,7 +57,8 @@ class RunDir:
 
     @property
     def has_model(self) -> bool:
-        return (self.model_dir / CONFIG_NAME).exists()
+        """A bayesrm model, or a transformers sequence-classification reward model (`is_seq_cls_dir`)."""
+        return (self.model_dir / CONFIG_NAME).exists() or is_seq_cls_dir(self.model_dir)
 
     @property
     def posterior_dir(self) -> Path:
@@ -105,6 +106,18 @@ class RunDir:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{f}: not a train_config.json written by bayesrm ({e})") from None
         return train
+
+
+def is_seq_cls_dir(path: Path) -> bool:
+    """True for a saved transformers model (config.json) whose architecture is a *ForSequenceClassification."""
+    f = path / "config.json"
+    if (path / CONFIG_NAME).exists() or not f.is_file():
+        return False
+    try:
+        archs = json.loads(f.read_text()).get("architectures") or []
+    except json.JSONDecodeError:
+        raise ValueError(f"{f}: malformed JSON") from None
+    return any(str(a).endswith("ForSequenceClassification") for a in archs)
 
 
 def find_model_dir(path: str | Path) -> Path:

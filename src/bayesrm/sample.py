@@ -248,6 +248,9 @@ def sample_pool(prompts: Sequence[str], cfg: SampleConfig, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     shards = [list(range(s, min(s + cfg.shard_size, len(prompts)))) for s in range(0, len(prompts), cfg.shard_size)]
     todo = [k for k in range(len(shards)) if not shard_path(out, k, cfg.fmt).exists()]
+    if log is not None:
+        log(f"resuming from {out}: {len(shards) - len(todo)} of {len(shards)} shards done" if len(todo) < len(shards)
+            else f"starting fresh: no finished shards in {out}")
     name = cfg.model if cfg.gguf_file is None else f"{cfg.model}/{cfg.gguf_file}"
     if todo and generator is None:
         generator = make_generator(cfg)

@@ -38,6 +38,25 @@ class Scores:
                 for r, s, p in zip(self.reward.tolist(), std, self.selection.tolist(), strict=True)]
 
 
+def check_source(path: str | Path, spec: str | SelectionSpec = "map", what: str = "model") -> None:
+    """Fail fast, before loading anything, when `path` lacks what `spec` reads (a model, ensemble or posterior)."""
+    from bayesrm.ensemble import _member_dirs
+
+    s = parse_spec(spec)
+    if s.needs_ensemble:
+        members = [RunDir.of(m) for m in _member_dirs(path)]
+    elif not RunDir.of(path).has_model:
+        raise FileNotFoundError(f"{what} {path}: not a trained bayesrm model; train one with "
+                                f"`bayesrm train PAIRS --out {path}`")
+    else:
+        members = [RunDir.of(path)]
+    if s.family is Family.LA or (s.family is Family.LA_ENS and s.needs_variance):
+        for m in members:
+            if m.find_posterior() is None:
+                raise FileNotFoundError(f"{what} {m.root}: no Laplace posterior for spec '{s}'; run "
+                                        f"`bayesrm laplace {m.root}`")
+
+
 class Scorer:
     """Selection rewards of (prompt, response) pairs under `spec` from a loaded model or ensemble.
 

@@ -302,12 +302,14 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     show_progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` in place with the BT loss; writes checkpoints, metrics.jsonl and the final model.
 
     Dropout and other torch randomness are seeded from `cfg.data_seed` (the caller's RNG is left as it was).
     With `resume=True` a run continues from `out_dir/checkpoint` and ends with the same weights as an
-    uninterrupted run (same data order, optimizer, scheduler and RNG state). Returns the per-epoch metrics.
+    uninterrupted run (same data order, optimizer, scheduler and RNG state). `log` gets one line saying whether
+    the run resumes or starts fresh. Returns the per-epoch metrics.
     """
     from accelerate import Accelerator
 
@@ -325,7 +327,7 @@ def train(
     devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.data_seed)
-        run = _setup(model, train_pairs, cfg, acc, out, resume, len(eval_pairs))
+        run = _setup(model, train_pairs, cfg, acc, out, resume, len(eval_pairs), log)
         _loop(model, run, cfg, acc, out, eval_pairs, on_step, show_progress)
     if acc.is_main_process:
         model.save(out / MODEL_DIR)
@@ -336,7 +338,7 @@ def train(
 
 
 def _setup(model: RewardModel, pairs: Sequence[Pair], cfg: TrainConfig, acc: Any, out: Path, resume: bool,
-           n_eval: int) -> _Run:
+           n_eval: int, log: Callable[[str], None] | None = None) -> _Run:
     """Encode data, build AdamW + linear warm-up/decay schedule, and restore a checkpoint when resuming."""
     from transformers import get_linear_schedule_with_warmup
 
@@ -352,17 +354,22 @@ def _setup(model: RewardModel, pairs: Sequence[Pair], cfg: TrainConfig, acc: Any
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "loss_n": 0, "history": [],
                              "fingerprint": fingerprint}
     ck = out / CHECKPOINT_DIR
+    say = log if log is not None and acc.is_main_process else (lambda _: None)
     if resume and (ck / "state.json").exists():
         saved = json.loads((ck / "state.json").read_text())
         if saved.get("fingerprint") != fingerprint:
             raise ValueError(f"{ck}: written by a run with other data or settings; resume needs the same ones "
                              "(or start again without resume)")
         state = _load_checkpoint(out, model, opt, sched)
+        say(f"resuming from {ck} (step {state['step']} of {total})")
         acc.wait_for_everyone()  # every rank has read the checkpoint before rank 0 may replace it
     else:
         if acc.is_main_process:  # a stale checkpoint must not be resumed into this run later
             if ck.exists():
                 shutil.rmtree(ck)
+                say(f"starting fresh (resume not requested): removed the earlier checkpoint in {ck}")
+            else:
+                say(f"starting fresh: no checkpoint in {ck}")
             (out / METRICS_NAME).unlink(missing_ok=True)
     if acc.is_main_process:
         atomic_write_json(out / "train_config.json", {"train": asdict(cfg), "model": asdict(model.config),
@@ -374,16 +381,14 @@ def _setup(model: RewardModel, pairs: Sequence[Pair], cfg: TrainConfig, acc: Any
 
 def _loop(model: RewardModel, run: _Run, cfg: TrainConfig, acc: Any, out: Path, eval_pairs: Sequence[Pair],
           on_step: Callable[[int, float], None] | None, show_progress: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from bayesrm.progress import Ticker
 
     state = run.state
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[info]}"), disable=not show_progress or not acc.is_main_process)
-    with progress:
-        task = progress.add_task("train", total=run.total, completed=state["step"], info="")
+    with Ticker("train (steps)", run.total, completed=state["step"],
+                enabled=show_progress and acc.is_main_process) as ticker:
 
         def advance(loss: float) -> None:
-            progress.update(task, advance=1, info=f"loss {loss:.4f}")
+            ticker.advance(1, info=f"loss {loss:.4f}")
 
         while state["epoch"] < cfg.epochs and state["step"] < run.total:
             model.train()
