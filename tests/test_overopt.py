@@ -153,3 +153,14 @@ def pq_column(folder: Path) -> np.ndarray:
 def test_sigma_mechanism_is_null_without_both_kinds() -> None:
     proxy = np.arange(20.0)[None]
     assert sigma_mechanism(proxy, proxy.copy(), proxy.copy()) is None  # the top decile is all above the median
+
+
+def test_config_file_loads_and_bad_fields_fail_with_their_name(tmp_path: Path) -> None:
+    from bayesrm.overopt import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "bon_smollm.toml", ["generation.n_eval=2048"])
+    assert cfg.generation.n_eval == 2048 and cfg.generation.backend == "ctranslate2" and cfg.eval_prompts == 64
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[generation]\nfoo = 1\n")
+    with pytest.raises(ValueError, match="foo"):
+        load_config(bad)

@@ -661,11 +661,12 @@ def overopt_cmd(
     config: Annotated[Path, typer.Argument(help="TOML config, e.g. configs/bon_smollm.toml")],
     stage: Annotated[list[str], typer.Option(
         help="stage(s), in order: split generate gold label proxy score report")] = ["generate"],  # noqa: B006
+    set_: SetOpt = None,
 ) -> None:
     """Overoptimisation on one policy's i.i.d. pool (issue 14): every stage resumable, skipped when done."""
     from bayesrm.overopt import STAGES, load_config
 
-    cfg = load_config(config)
+    cfg = load_config(config, set_ or [])
     for s in stage:
         if s not in STAGES:
             raise ValueError(f"--stage: {s!r} is not one of {list(STAGES)}")

@@ -4,7 +4,12 @@ The regime of Gao et al. 2022 / Coste et al. 2024 at CPU size. Stages, each resu
   split    — the 805 AlpacaEval instructions, prompt-disjoint: gold-training / proxy-training / validation / evaluation;
   generate — SmolLM2-135M-Instruct samples (temperature 1, top-p 1): `n_proxy` per proxy-training and validation
              prompt, then `n_eval` per evaluation prompt, as zstd parquet shards in `pool_dir` (committed);
-  (gold, label, proxy, laplace, score, bon: see docs/overoptimisation.md for what exists.)
+  gold     — MiniLM LoRA gold RM(s) on clean judged AlpacaEval pairs of the gold-training prompts (checkpointed);
+  label    — gold-labelled pairs of π_ref samples (25% flipped) for the proxy, clean ones for validation;
+  proxy    — proxy members, each with a Laplace-LoRA and a head-only Laplace posterior;
+  score    — gold and member scores (reward, σ²) of every evaluation shard, cached by shard;
+  report   — `overopt_report`: best-of-n curves, Gao fits, the method table and σ's mechanism.
+See docs/overoptimisation.md for the design, the status and the resume command.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -118,21 +123,11 @@ class OveroptConfig:
             raise ValueError("eval_prompts and proxy_prompts must be ≥ 1, val_prompts ≥ 0")
 
 
-def load_config(path: str | Path) -> OveroptConfig:
-    """Read an OveroptConfig from TOML/JSON (unknown fields named with their section)."""
-    import tomllib
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> OveroptConfig:
+    """Read an OveroptConfig from TOML/JSON plus `--set KEY=VALUE` overrides (unknown or mistyped fields fail)."""
+    from bayesrm import config_file
 
-    from bayesrm.experiment import _fill
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: config file not found")
-    try:
-        data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
-    except ValueError as e:
-        raise ValueError(f"{p}: cannot parse config: {e}") from None
-    cfg: OveroptConfig = _fill(OveroptConfig, data, str(p))
-    return cfg
+    return config_file.load_config(OveroptConfig, path, overrides)
 
 
 def alpaca_instructions(data_dir: str | Path) -> list[str]:
