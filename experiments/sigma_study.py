@@ -38,11 +38,12 @@ def row(name: str, mu: torch.Tensor, var: torch.Tensor, mu_ood: torch.Tensor, va
         lengths: np.ndarray) -> dict[str, float | str]:
     err = (mu <= 0).numpy()
     sd, sd_ood = var.sqrt().numpy(), var_ood.sqrt().numpy()
+    z = np.abs(mu.numpy()) / np.maximum(sd, 1e-12)  # |μ_Δ|/σ_Δ; σ_Δ = 0 only for identical responses
     p = probit_probability(mu, var)
     return {"variant": name, "err_auroc_sigma": auroc(sd[err], sd[~err]) if err.any() and (~err).any() else math.nan,
             "ood_auroc_sigma": auroc(sd_ood, sd), "spearman_sigma_length": float(spearmanr(sd, lengths).statistic),
             "spearman_sigma_abs_mu": float(spearmanr(sd, np.abs(mu.numpy())).statistic),
-            "err_auroc_neg_z": auroc(-np.abs(mu.numpy() / sd)[err], -np.abs(mu.numpy() / sd)[~err]),
+            "err_auroc_neg_z": auroc(-z[err], -z[~err]),
             "nll": float(-torch.log(p.clamp_min(1e-12)).mean()), "sigma_median": float(np.median(sd))}
 
 
