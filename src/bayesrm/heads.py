@@ -39,11 +39,18 @@ class LinearHead(nn.Linear):
         return None
 
     def moments(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise ValueError("this model has a linear BT head: predictive moments need head='bnrm'; for a BT model "
-                         "fit a Laplace posterior (`bayesrm laplace`) and use LaplacePosterior.predict")
+        require_moments(self)
+        raise AssertionError  # unreachable: require_moments raises for this head
 
     def pair_moments(self, f_w: torch.Tensor, f_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.moments(f_w)
+
+
+def require_moments(head: nn.Module) -> None:
+    """ValueError, naming what to use instead, unless `head` has a variational predictive (BNRM)."""
+    if not getattr(head, "has_moments", False):
+        raise ValueError("this model has a linear BT head: predictive moments need head='bnrm'; for a BT model "
+                         "fit a Laplace posterior (`bayesrm laplace`) and use LaplacePosterior.predict")
 
 
 def build_head(kind: Head | str, hidden: int, bnrm: dict[str, Any] | None = None) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 from bayesrm.batching import scoring_batches
 from bayesrm.config import EMBEDDED_BACKBONE, Pooling, RMConfig
 from bayesrm.data import DataError
-from bayesrm.heads import LinearHead, build_head
+from bayesrm.heads import LinearHead, build_head, require_moments
 from bayesrm.integrity import (
     CHECKSUMS_KEY,
     load_tensors,
@@ -224,8 +224,7 @@ class RewardModel(nn.Module):
                         progress: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's predictive mean and variance of r (BNRM: under q(θ)q(Φ)), (N,) and (N,) float64."""
         head = self.head
-        if not head.has_moments:
-            head.moments(None)  # raises, naming what to do instead
+        require_moments(head)  # before any forward pass
         mv = self.per_response(prompts, responses, lambda f: torch.stack(head.moments(f), -1), batch_size,
                                progress)  # (N, 2)
         return (mv[:, 0], mv[:, 1]) if len(mv) else (torch.empty(0).double(), torch.empty(0).double())
@@ -233,8 +232,7 @@ class RewardModel(nn.Module):
     def predict_pair_moments(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                              batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's (E[Δ], Var[Δ]) per pair, Δ = r_w − r_l, with the covariance the head induces, float64."""
-        if not self.head.has_moments:
-            self.head.moments(None)  # raises, naming what to do instead
+        require_moments(self.head)  # before any forward pass
         dtype = next(self.head.parameters()).dtype
         fw = self.per_response(prompts, chosen, lambda f: f, batch_size).to(dtype)  # (P, d)
         fl = self.per_response(prompts, rejected, lambda f: f, batch_size).to(dtype)
