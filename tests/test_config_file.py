@@ -90,3 +90,18 @@ def test_repository_configs_load_with_overrides() -> None:
     for f in ("configs/rlhf_cpu.toml", "examples/rlhf.toml"):
         assert load_rlhf(root / f, ["steps=3", "policy.lora_layers=1"]).steps == 3
     assert load_bon(root / "examples" / "bon.toml").pool == "examples/pool.jsonl"
+
+
+@dataclass
+class Parent:
+    inner: Inner = field(default_factory=lambda: Inner(max_length=64, lr=0.5))  # the parent's own section default
+    deep: Outer = field(default_factory=lambda: Outer(inner=Inner(max_length=7)))
+
+
+def test_a_partial_section_keeps_the_parents_defaults_for_the_fields_it_leaves_out(tmp_path: Path) -> None:
+    # before the fix, `[inner] lr = 1` rebuilt Inner from its class defaults and max_length became 500
+    p = _write(tmp_path, "[inner]\nlr = 1\n[deep.inner]\nlr = 3\n")
+    cfg = load_config(Parent, p, ["deep.steps=5"])
+    assert cfg.inner == Inner(max_length=64, lr=1.0)
+    assert cfg.deep.steps == 5 and cfg.deep.inner == Inner(max_length=7, lr=3.0)
+    assert load_config(Parent, _write(tmp_path, ""), ["inner.max_length=9"]).inner == Inner(max_length=9, lr=0.5)

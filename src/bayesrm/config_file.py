@@ -6,7 +6,7 @@ import json
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,11 +50,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ValueError(f"{where}: expected {_name(hint)}, got {value!r}")
 
 
-def fill(cls: type[T], data: dict[str, Any], where: str) -> T:
-    """Build dataclass `cls` from a dict (nested tables for nested dataclasses), every value type-checked."""
+def fill(cls: type[T], data: dict[str, Any], where: str, base: T | None = None) -> T:
+    """Build dataclass `cls` from a dict (nested tables for nested dataclasses), every value type-checked.
+
+    Fields a table leaves out keep their defaults, including a parent's own default for a nested section (a
+    `[gold.train]` table that sets only `max_steps` keeps the gold's learning rate, not TrainConfig's); with `base`,
+    the table overrides that instance's fields.
+    """
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - known
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; valid: {sorted(known)}")
     kw: dict[str, Any] = {}
@@ -62,10 +67,13 @@ def fill(cls: type[T], data: dict[str, Any], where: str) -> T:
         if is_dataclass(hints[k]):
             if not isinstance(v, dict):
                 raise ValueError(f"{where}.{k}: expected a table of {_name(hints[k])} fields, got {v!r}")
-            kw[k] = fill(hints[k], v, f"{where}.{k}")
+            f = known[k]
+            default = (getattr(base, k) if base is not None else f.default_factory()  # type: ignore[misc]
+                       if f.default_factory is not MISSING else None if f.default is MISSING else f.default)
+            kw[k] = fill(hints[k], v, f"{where}.{k}", default)
         else:
             kw[k] = _coerce(v, hints[k], f"{where}.{k}")
-    return cls(**kw)
+    return cls(**kw) if base is None else replace(base, **kw)  # type: ignore[type-var]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
