@@ -651,3 +651,19 @@ def test_posterior_records_the_pairs_it_was_fitted_on(trained: RewardModel, trai
     assert q.fitted_fraction(train_pairs[10:]) == 0.0
     assert q.fitted_fraction(train_pairs[5:15]) == 0.5
     assert q.data_fingerprint == p.data_fingerprint is not None
+
+
+def test_lora_and_head_variances_from_one_pass_equal_two_passes(trained: RewardModel, train_pairs: list[Pair],
+                                                                  post: LaplacePosterior) -> None:
+    head = fit_laplace(trained, train_pairs, LaplaceConfig(subset="head"))
+    ids = trained.encode([x.prompt for x in ID_PAIRS], [x.chosen for x in ID_PAIRS])
+    mean, var, var_head = post.predict_ids_with_head(head, trained, ids, batch_size=3)
+    m1, v1 = post.predict_ids(trained, ids, batch_size=5)
+    m2, v2 = head.predict_ids(trained, ids, batch_size=5)
+    torch.testing.assert_close(mean, m1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mean, m2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(var, v1, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(var_head, v2, rtol=1e-6, atol=1e-10)
+    assert not torch.allclose(var, var_head)  # two different posteriors, not one computed twice
+    with pytest.raises(ValueError, match="LoRA posterior with a head-only one"):
+        head.predict_ids_with_head(post, trained, ids)

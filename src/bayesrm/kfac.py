@@ -170,6 +170,18 @@ def head_features(model: RewardModel, x: torch.Tensor, m: torch.Tensor) -> tuple
     return r, f
 
 
+@contextmanager
+def capture_head_input(model: RewardModel) -> Iterator[list[torch.Tensor]]:
+    """Record the head's input f (B, d), its exact Jacobian φ (`head_features`), during a forward pass."""
+    got: list[torch.Tensor] = []
+    handle = require_linear_head(model).register_forward_hook(
+        lambda _m, inp, _out: got.append(_up(inp[0].detach())))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
 def head_theta(model: RewardModel) -> torch.Tensor:
     """The head's weight as one (1, d) row, the variable of the head-only posterior (r = w·φ + b, b frozen)."""
     return require_linear_head(model).weight.detach()

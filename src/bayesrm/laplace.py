@@ -46,6 +46,7 @@ from bayesrm.integrity import (
 from bayesrm.io import atomic_dir, json_text
 from bayesrm.kfac import (
     batch_jacobians,
+    capture_head_input,
     effective_dim,
     factor_eig,
     head_features,
@@ -247,6 +248,22 @@ class LaplacePosterior:
             if progress is not None:
                 progress(len(idx))
         return mean, var
+
+    def predict_ids_with_head(self, head: LaplacePosterior, model: RewardModel, ids: Sequence[Sequence[int]],
+                              batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`predict_ids` of this LoRA posterior and of the head-only posterior `head` of the same model in one pass:
+        (mean, var, var_head); the head's Jacobian φ (§7) is its input, captured on the LoRA pass's forward."""
+        if Subset(self.cfg.subset) is Subset.HEAD or Subset(head.cfg.subset) is not Subset.HEAD:
+            raise ValueError("predict_ids_with_head: call it on a LoRA posterior with a head-only one")
+        model.eval()
+        out = torch.empty(3, len(ids), dtype=torch.double)
+        for idx, x, m in scoring_batches(ids, batch_size, model.pad_id, model.device):
+            with capture_head_input(model) as phi:
+                r, J = self.jacobians(model, x, m)
+            v, _ = self._variance_from(J, None)
+            vh, _ = head._variance_from({HEAD_KEY: phi[0].unsqueeze(1)}, None)
+            out[:, idx] = torch.stack([r.double().cpu(), v.double().cpu(), vh.double().cpu()])
+        return out[0], out[1], out[2]
 
     def pair_cache(self, model: RewardModel, pairs: Sequence[Pair], batch_size: int = 8
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -457,8 +457,8 @@ def member_scores(cfg: OveroptConfig, part: str, shards: list[Path], log: Callab
 
         def compute(prompts: list[str], responses: list[str], model: RewardModel = model,
                     lora: LaplacePosterior = lora, head: LaplacePosterior = head) -> dict[str, np.ndarray]:
-            m, v = lora.predict(model, prompts, responses, cfg.eval.score_batch_size)
-            _, vh = head.predict(model, prompts, responses, cfg.eval.score_batch_size)
+            m, v, vh = lora.predict_ids_with_head(head, model, model.encode(prompts, responses),
+                                                  cfg.eval.score_batch_size)
             return {"mean": m.numpy(), "var": v.numpy(), "var_head": vh.numpy()}
 
         sc = cached_scores(cfg, part, shards, member_name(i),
