@@ -68,7 +68,7 @@ def fill(cls: type[T], data: dict[str, Any], where: str, base: T | None = None) 
             if not isinstance(v, dict):
                 raise ValueError(f"{where}.{k}: expected a table of {_name(hints[k])} fields, got {v!r}")
             f = known[k]
-            default = (getattr(base, k) if base is not None else f.default_factory()  # type: ignore[misc]
+            default = (getattr(base, k) if base is not None else f.default_factory()
                        if f.default_factory is not MISSING else None if f.default is MISSING else f.default)
             kw[k] = fill(hints[k], v, f"{where}.{k}", default)
         else:
