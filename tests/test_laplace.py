@@ -11,6 +11,7 @@ import math
 import random
 import types
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,15 @@ from torch.func import functional_call, jacrev
 
 from bayesrm.batching import collate
 from bayesrm.data import Pair
-from bayesrm.kfac import batch_jacobians, kfac_factors, lora_modules
-from bayesrm.laplace import HEAD_KEY, KronBlock, LaplaceConfig, LaplacePosterior, fit_laplace
+from bayesrm.kfac import batch_jacobians, head_ggn, kfac_factors, lora_modules
+from bayesrm.laplace import (
+    HEAD_KEY,
+    KronBlock,
+    LaplaceConfig,
+    LaplacePosterior,
+    curvature_subsample,
+    fit_laplace,
+)
 from bayesrm.metrics import probit_probability
 from bayesrm.model import RewardModel, pool_hidden
 from bayesrm.train import TrainConfig, train
@@ -667,3 +675,55 @@ def test_lora_and_head_variances_from_one_pass_equal_two_passes(trained: RewardM
     assert not torch.allclose(var, var_head)  # two different posteriors, not one computed twice
     with pytest.raises(ValueError, match="LoRA posterior with a head-only one"):
         head.predict_ids_with_head(post, trained, ids)
+
+
+# ------------------------------------------------------------------------------------------------ fit_fraction
+
+
+def test_subsampled_curvature_sums_are_unbiased_brute_force_over_subsets(trained: RewardModel,
+                                                                          train_pairs: list[Pair]) -> None:
+    """Mean over ALL C(6, 3) subsets of (n/m)·(curvature sum on the subset) = the full sum, exactly."""
+    import itertools
+
+    pairs, m = train_pairs[:6], 3
+    G_full, _, ll_full = kfac_factors(trained, pairs, "pair", batch_size=6)
+    H_full, hll_full = head_ggn(trained, pairs, batch_size=6)
+    subsets = list(itertools.combinations(range(6), m))
+    G_mean = {k: torch.zeros_like(v) for k, v in G_full.items()}
+    H_mean, ll_mean, hll_mean = torch.zeros_like(H_full), 0.0, 0.0
+    for idx in subsets:
+        sub = [pairs[i] for i in idx]
+        G, _, ll = kfac_factors(trained, sub, "pair", batch_size=6)
+        H, hll = head_ggn(trained, sub, batch_size=6)
+        for k in G:
+            G_mean[k] += G[k] * (6 / m) / len(subsets)
+        H_mean += H * (6 / m) / len(subsets)
+        ll_mean, hll_mean = ll_mean + ll * (6 / m) / len(subsets), hll_mean + hll * (6 / m) / len(subsets)
+    for k in G_full:
+        torch.testing.assert_close(G_mean[k], G_full[k], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(H_mean, H_full, rtol=1e-9, atol=1e-12)
+    assert math.isclose(ll_mean, ll_full, rel_tol=1e-9) and math.isclose(hll_mean, hll_full, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("subset", ["lora", "head"])
+def test_fit_fraction_scales_the_subsample_fit_to_the_whole_data(trained: RewardModel, train_pairs: list[Pair],
+                                                                  subset: str) -> None:
+    cfg = LaplaceConfig(subset=subset, tau_method="fixed", batch_size=5)
+    part = fit_laplace(trained, train_pairs, replace(cfg, fit_fraction=0.4))
+    sub = curvature_subsample(train_pairs, 0.4)
+    assert len(sub) == math.ceil(0.4 * 24) and len({p.chosen + p.rejected for p in sub}) == len(sub)
+    assert sub == curvature_subsample(train_pairs, 0.4)  # seeded
+    alone = fit_laplace(trained, sub, cfg)  # the same pairs at fraction 1: its sums, unscaled
+    scale = 24 / len(sub)
+    assert math.isclose(part.log_lik, scale * alone.log_lik, rel_tol=1e-9)
+    for k, b in part.blocks.items():  # the GGN's spectrum (G ⊗ A eigenvalues) is the subsample's, times n/m
+        a = alone.blocks[k]
+        torch.testing.assert_close(torch.outer(b.g_vals, b.a_vals), scale * torch.outer(a.g_vals, a.a_vals),
+                                   rtol=1e-8, atol=1e-12)
+    assert part.n_data == 24 and part.fitted_fraction(train_pairs) == 1.0  # the posterior is of all the data
+    full = fit_laplace(trained, train_pairs, cfg)
+    mean_p, var_p = part.predict(trained, [x.prompt for x in ID_PAIRS], [x.chosen for x in ID_PAIRS])
+    mean_f, var_f = full.predict(trained, [x.prompt for x in ID_PAIRS], [x.chosen for x in ID_PAIRS])
+    assert torch.equal(mean_p, mean_f) and not torch.allclose(var_p, var_f)  # an estimate, not the full fit
+    with pytest.raises(ValueError, match="fit_fraction"):
+        LaplaceConfig(fit_fraction=0.0)

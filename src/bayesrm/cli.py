@@ -235,6 +235,9 @@ def laplace_cmd(
     rank: Annotated[int | None, typer.Option(help="rank of large (≥ --lowrank-threshold) factors")] = _LA.rank,
     lowrank_threshold: int = _LA.lowrank_threshold,
     batch_size: int = _LA.batch_size,
+    fit_fraction: Annotated[float, typer.Option(help="accumulate the curvature on this seeded share of the pairs "
+                                                     "(sums scaled by n/m; the fit's cost scales with it)")] = (
+        _LA.fit_fraction),
     limit: int | None = None,
     format: FormatOpt = DataFormat.AUTO.value,
     field: FieldOpt = None,
@@ -263,7 +266,7 @@ def laplace_cmd(
         data = str(run.train_split)
     pairs = _load(data, format, field, skip_invalid, limit)
     val = _load(val_data, format, field, skip_invalid) if val_data else []
-    from bayesrm.laplace import fit_laplace
+    from bayesrm.laplace import curvature_subsample, fit_laplace
     from bayesrm.model import RewardModel
 
     device = None
@@ -276,8 +279,9 @@ def laplace_cmd(
         subset = Subset.HEAD.value if model.config.seq_cls else _LA.subset
     cfg = LaplaceConfig(subset=subset, kfac=kfac, tau_method=tau_method, prior_structure=prior_structure,
                         prior_precision=prior_precision, rank=rank, lowrank_threshold=lowrank_threshold,
-                        batch_size=batch_size).for_training(run.train_config())
-    with progress_bar("KFAC fit (pairs)", len(dist.shard(pairs)), console) as advance:
+                        batch_size=batch_size, fit_fraction=fit_fraction).for_training(run.train_config())
+    with progress_bar("KFAC fit (pairs)", len(dist.shard(curvature_subsample(pairs, fit_fraction))),
+                      console) as advance:
         post = fit_laplace(model, pairs, cfg, val_pairs=val, progress=advance)
     if proc == 0:
         post.save(run.posterior_dir)

@@ -108,6 +108,7 @@ class LaplaceConfig:
     batch_size: int = 8  # pairs per fit batch
     margin: float = 0.0  # BT margin m of the training loss: p = σ(Δ − m)
     center_coef: float = 0.0  # reward-centering weight c of the training loss: adds 2c·J_s J_sᵀ to the GGN
+    fit_fraction: float = 1.0  # accumulate the curvature on this seeded share of the pairs, scaled by n/m (cost ∝)
 
     def __post_init__(self) -> None:
         self.subset, self.kfac = _choice(Subset, self.subset, "subset"), _choice(KFACVariant, self.kfac, "kfac")
@@ -117,6 +118,8 @@ class LaplaceConfig:
             raise ValueError(f"prior_mean must be 'init' or 'zero', got {self.prior_mean!r}")
         if self.center_coef < 0 or self.temperature <= 0 or self.prior_precision <= 0:
             raise ValueError("center_coef must be ≥ 0, temperature and prior_precision > 0")
+        if not 0.0 < self.fit_fraction <= 1.0:
+            raise ValueError(f"fit_fraction must be in (0, 1], got {self.fit_fraction}")
         if self.center_coef and KFACVariant(self.kfac) is not KFACVariant.PAIR and Subset(self.subset) is Subset.LORA:
             raise ValueError("the centering curvature is implemented for kfac='pair' and subset='head'; "
                              f"kfac={self.kfac!r} would drop it")

@@ -412,17 +412,21 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
     require_linear_head(model)
     if not pairs:
         raise ValueError("fit_laplace needs at least one training pair")
+    fit = curvature_subsample(pairs, cfg.fit_fraction)
+    scale = len(pairs) / len(fit)  # the curvature and log-likelihood sums over `fit`, scaled to the n pairs
     if Subset(cfg.subset) is Subset.HEAD:  # exact GGN as the single block 1 ⊗ GGN
-        ggn, log_lik = head_ggn(model, dist.shard(pairs), cfg.batch_size, progress, cfg.margin, cfg.center_coef,
+        ggn, log_lik = head_ggn(model, dist.shard(fit), cfg.batch_size, progress, cfg.margin, cfg.center_coef,
                                 reduce=dist.all_reduce_sum)
+        ggn, log_lik = ggn * scale, log_lik * scale
         av, aU, _ = factor_eig(ggn)
         theta = head_theta(model).double().cpu()  # (1, d)
         one = torch.ones(1, dtype=torch.double)
         blocks = {HEAD_KEY: KronBlock(one, torch.ones(1, 1, dtype=torch.double), 0.0, av, aU, 0.0, theta,
                                       head_prior_mean(model, cfg))}
         return _tune(_posterior(blocks, cfg, pairs, log_lik), model, val_pairs)
-    G, A, log_lik = kfac_factors(model, dist.shard(pairs), cfg.kfac, cfg.batch_size, progress, cfg.margin,
+    G, A, log_lik = kfac_factors(model, dist.shard(fit), cfg.kfac, cfg.batch_size, progress, cfg.margin,
                                  cfg.center_coef, reduce=dist.all_reduce_sum)
+    G, log_lik = {k: v * scale for k, v in G.items()}, log_lik * scale  # A is a normalised second moment
     params = dict(model.named_parameters())
     init = init_lora if init_lora is not None else getattr(model, "lora_init", None) or {}
     blocks = {}
@@ -441,6 +445,16 @@ def fit_laplace(model: RewardModel, pairs: Sequence[Pair], cfg: LaplaceConfig | 
             mu0 = torch.zeros_like(theta)
         blocks[k] = KronBlock(gv, gU, grho, av, aU, arho, theta, mu0)
     return _tune(_posterior(blocks, cfg, pairs, log_lik), model, val_pairs)
+
+
+def curvature_subsample(pairs: Sequence[Pair], fraction: float, seed: int = 0) -> Sequence[Pair]:
+    """A seeded random ⌈f·n⌉ of `pairs` (all of them when f = 1): their curvature sums times n/m estimate the
+    full sums without bias, at a share f of the fit's forward+backward cost (`LaplaceConfig.fit_fraction`)."""
+    if fraction >= 1.0:
+        return pairs
+    m = max(1, math.ceil(fraction * len(pairs)))
+    keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=m, replace=False))
+    return [pairs[i] for i in keep]
 
 
 def _posterior(blocks: dict[str, KronBlock], cfg: LaplaceConfig, pairs: Sequence[Pair], log_lik: float
