@@ -131,6 +131,25 @@ def test_manifest_resume_skips_finished_members(ens_dir: Path, tiny_cfg: Callabl
     assert calls == ["member_2"]
 
 
+def test_a_manifest_written_before_a_new_config_field_still_resumes(ens_dir: Path, tiny_cfg: Callable[..., RMConfig],
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ensemble saved before RMConfig.seq_cls (and a TrainConfig field) existed grows instead of being refused
+    (before: "trained with a different 'model'" because the old manifest lacked the new keys)."""
+    out = tmp_path / "ens"
+    shutil.copytree(ens_dir, out)
+    man = json.loads((out / MANIFEST_NAME).read_text())
+    del man["model"]["seq_cls"], man["train"]["group_by_length"]  # both at their defaults in this ensemble
+    (out / MANIFEST_NAME).write_text(json.dumps(man))
+    calls = _spy(monkeypatch)
+    train_ensemble(tiny_cfg("bert"), TC, PAIRS, out, members=3, show_progress=False)
+    assert calls == ["member_2"]
+    man["model"]["max_length"] += 1  # a real difference is still refused
+    (out / MANIFEST_NAME).write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="different 'model'"):
+        train_ensemble(tiny_cfg("bert"), TC, PAIRS, out, members=3, show_progress=False)
+
+
 class _Interrupt(Exception):
     pass
 

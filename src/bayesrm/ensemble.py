@@ -79,6 +79,12 @@ def _seeds(given: Sequence[int] | None, start: int, members: int, what: str) -> 
 
 
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    """Refuse to resume `old` (a saved manifest) as `new` unless the configs, data and seeds agree; configs are
+    compared after filling the defaults of fields added since `old` was written."""
+    try:
+        old = old | {"model": asdict(RMConfig.from_dict(old["model"])), "train": asdict(TrainConfig(**old["train"]))}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{out}: the existing ensemble's manifest cannot be read ({e}); use a new out_dir") from None
     for key in ("model", "train", "data_sha256"):
         if old.get(key) != new[key]:
             raise ValueError(f"{out}: the existing ensemble was trained with a different '{key}'; "
