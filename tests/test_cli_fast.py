@@ -72,3 +72,61 @@ def test_train_freeze_backbone_uses_the_feature_cache(tiny_dir: dict[str, str], 
     assert res.exit_code == 0, res.output  # an ordinary model: the rest of the CLI takes it
     res = runner.invoke(app, args)  # a rerun hits the cache
     assert res.exit_code == 0 and res.output.count("cache hit") == 2, res.output
+
+
+def test_score_reads_fast_heads(tiny_dir: dict[str, str], tmp_path: Path) -> None:
+    """`bayesrm score` on `bayesrm heads` output: rewards, Laplace σ and the ensemble's standardised mean equal an
+    oracle built from the saved heads, dense Σ = U diag(1/(λ/T + τ)) Uᵀ and the stored statistics (before: score
+    could not read a heads directory at all)."""
+    data, inp = tmp_path / "train.jsonl", tmp_path / "responses.jsonl"
+    save_pairs(toy_pairs(24), data)
+    pairs = toy_pairs(6, seed=3)
+    prompts, responses = [p.prompt for p in pairs], [p.chosen for p in pairs]
+    inp.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, responses,
+                                                                                           strict=True)))
+    common = ["--backbone", tiny_dir["bert"], "--max-length", "64", "--cache-dir", str(tmp_path / "cache")]
+    one, ens = tmp_path / "one", tmp_path / "ens"
+    assert runner.invoke(app, ["heads", str(data), "--out", str(one), "--epochs", "20", *common]).exit_code == 0
+    res = runner.invoke(app, ["heads", str(data), "--out", str(ens), "--members", "3", "--kind", "mlp", "--hidden",
+                              "8", "--epochs", "5", "--no-laplace", *common])
+    assert res.exit_code == 0, res.output
+
+    def score(path: Path, spec: str) -> list[dict[str, float]]:
+        out = tmp_path / f"{path.name}_{spec.replace(':', '_')}.jsonl"
+        res = runner.invoke(app, ["score", str(path), str(inp), "--spec", spec, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    stack, meta, post = load_heads(one)
+    assert post is not None
+    model = RewardModel(RMConfig.from_dict(meta["model"]))
+    ids = model.encode(prompts, responses)
+    with torch.no_grad():
+        f = torch.cat([model.features(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long)) for x in ids])
+    block = post.blocks["head"]
+    cov = block.a_vecs @ torch.diag(1 / (block.a_vals / post.cfg.temperature + post.tau["head"])) @ block.a_vecs.T
+    want_var = torch.einsum("nd,de,ne->n", f.double(), cov, f.double())
+    rows = score(one, "la:std:k=1")
+    torch.testing.assert_close(torch.tensor([r["reward"] for r in rows], dtype=torch.double),
+                               stack(f)[0].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([r["reward_std"] for r in rows], dtype=torch.double) ** 2, want_var,
+                               rtol=1e-4, atol=1e-9)
+    assert [r["reward"] for r in score(one, "map")] == [r["reward"] for r in rows]
+
+    stack_e, meta_e, _ = load_heads(ens)
+    stats = meta_e["standardization"]
+    z = (stack_e(f).double() - torch.tensor(stats["mean"])[:, None]) / torch.tensor(stats["std"])[:, None]
+    rows = score(ens, "ens:mean")
+    torch.testing.assert_close(torch.tensor([r["reward"] for r in rows], dtype=torch.double), z.mean(0),
+                               rtol=1e-3, atol=2e-4)  # fp32 features, batched vs one at a time, over a small std
+    torch.testing.assert_close(torch.tensor([r["reward_std"] for r in rows], dtype=torch.double),
+                               z.std(0, correction=0), rtol=1e-3, atol=2e-4)
+
+    for path, spec, message in ((one, "ens:mean", "use map or la"), (ens, "la:std:k=1", "use ens:mean")):
+        res = runner.invoke(app, ["score", str(path), str(inp), "--spec", spec, "--out", str(tmp_path / "x.jsonl")])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    cfg = json.loads((one / "heads.json").read_text())
+    cfg["backbone_sha256"] = "0" * 64  # heads from another backbone's features
+    (one / "heads.json").write_text(json.dumps(cfg))
+    res = runner.invoke(app, ["score", str(one), str(inp), "--out", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 2 and "other weights" in " ".join(res.output.split()), res.output

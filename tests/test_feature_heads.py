@@ -173,3 +173,16 @@ def test_config_is_validated() -> None:
         HeadConfig(kind="transformer")
     with pytest.raises(ValueError, match="members"):
         HeadConfig(members=0)
+
+
+@pytest.mark.parametrize(("kind", "which"), [("linear", LaplaceParams.LAST), ("mlp", LaplaceParams.ALL)])
+def test_response_jacobian_matches_torch_func(kind: str, which: LaplaceParams) -> None:
+    from torch.func import functional_call, jacrev
+
+    stack = HeadStack(5, HeadConfig(kind=kind, hidden=4, members=2), D)
+    f = _feats(n=7).chosen
+    names = ["w"] if which is LaplaceParams.LAST else ["W1", "b1", "w"]
+    params = {n: p.detach() for n, p in stack.named_parameters()}
+    jac = jacrev(lambda sub: functional_call(stack, params | sub, (f,))[1])({n: params[n] for n in names})
+    want = torch.cat([jac[n][:, 1].flatten(1) for n in names], 1)  # member 1, (N, P)
+    torch.testing.assert_close(stack.response_jacobian(f, 1, which), want)

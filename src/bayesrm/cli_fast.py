@@ -48,9 +48,18 @@ def heads_cmd(
     """Fast path: backbone features once (cached), then linear/MLP heads, ensembles and head Laplace in seconds."""
     import time
 
+    import torch
+
     from bayesrm.data import pairs_fingerprint
-    from bayesrm.feature_heads import fit_head_laplace, predict_pairs, save_heads, train_heads
-    from bayesrm.features import pair_features
+    from bayesrm.feature_heads import (
+        BACKBONE_KEY,
+        STANDARDIZATION_KEY,
+        fit_head_laplace,
+        predict_pairs,
+        save_heads,
+        train_heads,
+    )
+    from bayesrm.features import pair_features, weights_fingerprint
     from bayesrm.metrics import pair_metrics
     from bayesrm.model import RewardModel, RMConfig
 
@@ -73,7 +82,9 @@ def heads_cmd(
     post = fit_head_laplace(stack, feats, which=laplace_params) if laplace else None
     t2 = time.perf_counter()
     info: dict[str, Any] = {"n_train": len(train_pairs), "data_sha256": pairs_fingerprint(train_pairs),
-                            "features": feats.fingerprint, "seconds_features": t1 - t0, "seconds_heads": t2 - t1}
+                            "features": feats.fingerprint, BACKBONE_KEY: weights_fingerprint(model),
+                            STANDARDIZATION_KEY: stack.reward_statistics(torch.cat([feats.chosen, feats.rejected])),
+                            "seconds_features": t1 - t0, "seconds_heads": t2 - t1}
     if eval_pairs:
         ef = pair_features(model, eval_pairs, cache_dir, feature_batch_size, log=console.print)
         mu, var = predict_pairs(stack, ef, post, laplace_params)

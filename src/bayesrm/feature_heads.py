@@ -9,7 +9,7 @@ the sum separately, so with Adam (elementwise) the stack trains exactly as M sep
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from bayesrm.run import POSTERIOR_DIR
 
 HEADS_NAME = "heads.safetensors"
 HEADS_CONFIG = "heads.json"
+BACKBONE_KEY = "backbone_sha256"  # heads.json: `features.weights_fingerprint` of the backbone the features came from
+STANDARDIZATION_KEY = "standardization"  # heads.json: per-member reward mean/std on the training responses
 _DATA_SEED = 1_000_003  # member i shuffles with seed _DATA_SEED·(seed + i) + 1, apart from its init stream
 
 
@@ -90,18 +92,26 @@ class HeadStack(nn.Module):
             return self.w.detach()
         return torch.cat([self.W1.flatten(1), self.b1, self.w], 1).detach()
 
+    def response_jacobian(self, f: torch.Tensor, member: int = 0,
+                          which: LaplaceParams | str = LaplaceParams.LAST) -> torch.Tensor:
+        """J = ∂r/∂θ of one member per response, (N, P), analytic; θ as in `flat_params`."""
+        with torch.no_grad():
+            a = self.last_inputs(f)[member]  # (N, k)
+            if LaplaceParams(which) is LaplaceParams.LAST or not self.is_mlp:
+                return a
+            g = self.w[member] * (a > 0).to(a.dtype)  # ∂r/∂b₁ = w₂ ⊙ relu'(z), (N, h)
+            return torch.cat([torch.einsum("nd,nh->ndh", f.to(a.dtype), g).flatten(1), g, a], 1)
+
     def pair_jacobian(self, fw: torch.Tensor, fl: torch.Tensor, member: int = 0,
                       which: LaplaceParams | str = LaplaceParams.LAST) -> torch.Tensor:
-        """J_Δ = ∂(r_w − r_l)/∂θ of one member, (N, P), analytic; θ as in `flat_params`."""
+        """J_Δ = ∂(r_w − r_l)/∂θ of one member, (N, P) = J(f_w) − J(f_l)."""
+        return self.response_jacobian(fw, member, which) - self.response_jacobian(fl, member, which)
+
+    def reward_statistics(self, f: torch.Tensor) -> dict[str, list[float]]:
+        """Per-member mean and std (ddof 0) of the rewards of features `f` (N, d): standardisation statistics."""
         with torch.no_grad():
-            aw, al = self.last_inputs(fw)[member], self.last_inputs(fl)[member]  # (N, k)
-            if LaplaceParams(which) is LaplaceParams.LAST or not self.is_mlp:
-                return aw - al
-            parts = []
-            for f, a in ((fw, aw), (fl, al)):
-                g = self.w[member] * (a > 0).to(a.dtype)  # ∂r/∂b₁ = w₂ ⊙ relu'(z), (N, h)
-                parts.append(torch.cat([torch.einsum("nd,nh->ndh", f.to(a.dtype), g).flatten(1), g, a], 1))
-            return parts[0] - parts[1]
+            r = self(f).double()  # (M, N)
+        return {"mean": r.mean(1).tolist(), "std": r.std(1, correction=0).clamp_min(1e-12).tolist()}
 
 
 def train_heads(feats: PairFeatures, cfg: HeadConfig, log: Callable[[str], None] | None = None) -> HeadStack:
@@ -217,3 +227,57 @@ def load_heads(path: str | Path) -> tuple[HeadStack, dict[str, Any], LaplacePost
     stack.eval()
     post = LaplacePosterior.load(p / POSTERIOR_DIR) if (p / POSTERIOR_DIR / "posterior.json").exists() else None
     return stack, meta, post
+
+
+class FeatureHeads:
+    """Saved fast heads on the frozen backbone they were trained on: per-response rewards and σ for `Scorer`.
+
+    One member (M = 1) is a single reward model (`map`, and `la` when the heads carry a Laplace posterior); M > 1
+    members are an ensemble (`ens:*`), their rewards standardised with the statistics `bayesrm heads` stored.
+    """
+
+    def __init__(self, backbone: Any, stack: HeadStack, meta: dict[str, Any], posterior: LaplacePosterior | None,
+                 source: Path) -> None:
+        self.backbone, self.stack, self.meta, self.posterior, self.source = backbone, stack, meta, posterior, source
+        self.which = LaplaceParams(meta.get("laplace_params", LaplaceParams.LAST.value))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> FeatureHeads:
+        """Heads, posterior and their backbone; DataError when the backbone's weights are not the ones trained on."""
+        from bayesrm.features import weights_fingerprint
+        from bayesrm.model import RewardModel, RMConfig
+
+        stack, meta, post = load_heads(path)
+        backbone = RewardModel(RMConfig.from_dict(meta["model"]))
+        want = meta.get(BACKBONE_KEY)
+        if want is not None and weights_fingerprint(backbone) != want:
+            raise DataError(f"the backbone {backbone.config.backbone!r} loaded here has other weights than the one "
+                            "these heads were trained on", file=str(Path(path) / HEADS_CONFIG))
+        return cls(backbone if device is None else backbone.to(device), stack, meta, post, Path(path))
+
+    def __len__(self) -> int:
+        return self.stack.cfg.members
+
+    def moments(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
+                progress: Callable[[int], None] | None = None, variance: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rewards (M, N) (members standardised when M > 1), and with `variance` member 0's Laplace J Σ Jᵀ (1, N)."""
+        from bayesrm.objectives import standardize
+
+        f = self.backbone.per_response(prompts, responses, lambda x: x, batch_size, progress).to(self.stack.w.dtype)
+        with torch.no_grad():
+            r = self.stack(f).double()  # (M, N)
+        if variance:
+            if self.posterior is None:
+                raise ValueError(f"{self.source}: these heads have no Laplace posterior (trained with --no-laplace)")
+            var, _ = self.posterior.jacobian_variance(
+                {HEAD_KEY: self.stack.response_jacobian(f, 0, self.which).double().unsqueeze(1)})
+            return r[:1], var.unsqueeze(0)
+        if len(self) > 1:
+            stats = self.meta.get(STANDARDIZATION_KEY)
+            if stats is None:
+                raise ValueError(f"{self.source}: no standardisation statistics in {HEADS_CONFIG}; ensemble specs "
+                                 "need them (heads saved by an older bayesrm: rerun `bayesrm heads`)")
+            r = standardize(r, torch.tensor(stats["mean"], dtype=torch.double),
+                            torch.tensor(stats["std"], dtype=torch.double))
+        return r, None

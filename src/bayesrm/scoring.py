@@ -6,7 +6,8 @@ server — so that a spec such as ``"la:var:k=1"`` means the same everywhere. It
 - `map`: one model's MAP reward;
 - `la`: the linearised Laplace predictive of one model (posterior saved with the model by `bayesrm laplace`);
 - `vi`: a BNRM head's mean-field variational predictive (`RewardModel.predict_moments`);
-- `ens` / `la-ens`: the members of an ensemble directory (and their Laplace posteriors for `la-ens` std/var).
+- `ens` / `la-ens`: the members of an ensemble directory (and their Laplace posteriors for `la-ens` std/var);
+- a fast-heads directory (`bayesrm heads`): `map` / `la` for one head, `ens` for M heads, on the frozen backbone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from bayesrm.objectives import Family, Rule, SelectionSpec, la_ens, parse_spec
-from bayesrm.run import RunDir
+from bayesrm.run import POSTERIOR_DIR, POSTERIOR_META, RunDir
 
 
 @dataclass
@@ -41,8 +42,11 @@ class Scores:
 def check_source(path: str | Path, spec: str | SelectionSpec = "map", what: str = "model") -> None:
     """Fail fast, before loading anything, when `path` lacks what `spec` reads (a model, ensemble or posterior)."""
     from bayesrm.ensemble import _member_dirs
+    from bayesrm.feature_heads import is_heads_dir
 
     s = parse_spec(spec)
+    if is_heads_dir(path):
+        return _check_heads(path, s, what)
     if s.needs_ensemble:
         members = [RunDir.of(m) for m in _member_dirs(path)]
     elif not RunDir.of(path).has_model:
@@ -57,6 +61,24 @@ def check_source(path: str | Path, spec: str | SelectionSpec = "map", what: str 
                                         f"`bayesrm laplace {m.root}`")
 
 
+def _check_heads(path: str | Path, s: SelectionSpec, what: str) -> None:
+    """`check_source` for a fast-heads directory: M > 1 heads are an ensemble, `la` needs its saved posterior."""
+    import json
+
+    from bayesrm.feature_heads import HEADS_CONFIG
+
+    try:
+        members = int(json.loads((Path(path) / HEADS_CONFIG).read_text())["head"]["members"])
+    except (ValueError, KeyError, TypeError):
+        return  # damaged: loading reports it with the file's name
+    if s.needs_ensemble != (members > 1) or s.family in (Family.VI, Family.LA_ENS):
+        raise ValueError(f"{what} {path}: {members} fast head(s); spec '{s}' needs "
+                         f"{'an ensemble' if s.needs_ensemble else 'one model'} — use "
+                         f"{'ens:mean, ens:wco or ens:uwo' if members > 1 else 'map or la:…'}")
+    if s.family is Family.LA and not (Path(path) / POSTERIOR_DIR / POSTERIOR_META).exists():
+        raise FileNotFoundError(f"{what} {path}: these heads have no Laplace posterior (trained with --no-laplace)")
+
+
 class Scorer:
     """Selection rewards of (prompt, response) pairs under `spec` from a loaded model or ensemble.
 
@@ -67,13 +89,15 @@ class Scorer:
                  batch_size: int = 16) -> None:
         from bayesrm.bnrm import BNRMHead
         from bayesrm.ensemble import EnsembleRewardModel
+        from bayesrm.feature_heads import FeatureHeads
 
         self.spec = parse_spec(spec)
         self.model = model
         self.posteriors = list(posteriors) if posteriors is not None else None
         self.batch_size = batch_size
         self._lock = threading.Lock()
-        is_ens = isinstance(model, EnsembleRewardModel)
+        self._heads = isinstance(model, FeatureHeads)
+        is_ens = isinstance(model, EnsembleRewardModel) or (self._heads and len(model) > 1)
         if self.spec.needs_ensemble != is_ens:
             raise ValueError(f"spec '{self.spec}' needs {'an ensemble' if self.spec.needs_ensemble else 'one model'}"
                              f", got {'an ensemble' if is_ens else 'one model'}")
@@ -86,12 +110,17 @@ class Scorer:
     @classmethod
     def load(cls, path: str | Path, spec: str | SelectionSpec = "map", device: str | torch.device | None = None,
              batch_size: int = 16) -> Scorer:
-        """Load what `spec` reads from `path`: a model dir (+ its Laplace posterior) or an ensemble dir."""
+        """Load what `spec` reads from `path`: a model dir (+ its Laplace posterior), an ensemble dir or fast heads."""
         from bayesrm.ensemble import EnsembleRewardModel
+        from bayesrm.feature_heads import FeatureHeads, is_heads_dir
         from bayesrm.laplace import LaplacePosterior
         from bayesrm.model import RewardModel
 
         s = parse_spec(spec)
+        if is_heads_dir(path):
+            _check_heads(path, s, "model")
+            heads = FeatureHeads.load(path, device=device)
+            return cls(heads, s, [heads.posterior] if s.family is Family.LA else None, batch_size)
         if s.needs_ensemble:
             ens = EnsembleRewardModel.load(path, device=device)
             return cls(ens, s, ens.load_posteriors() if s.needs_variance else None, batch_size)
@@ -112,6 +141,8 @@ class Scorer:
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
         fam, bs = self.spec.family, self.batch_size
         with self._lock, torch.no_grad():
+            if self._heads:
+                return self.model.moments(prompts, responses, bs, progress, variance=fam is Family.LA)
             if fam is Family.LA:
                 assert self.posteriors is not None
                 mu, var = self.posteriors[0].predict(self.model, prompts, responses, bs, progress)
