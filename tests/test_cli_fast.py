@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
+import pytest
 import torch
 from conftest import toy_pairs
+from test_serve import running
 from typer.testing import CliRunner
 
 from bayesrm.active import bald_bt, pair_moments
@@ -15,6 +18,8 @@ from bayesrm.data import save_pairs
 from bayesrm.feature_heads import load_heads, predict_pairs
 from bayesrm.features import pair_features
 from bayesrm.model import RewardModel, RMConfig
+from bayesrm.scoring import Scorer
+from bayesrm.serve import create_app
 
 runner = CliRunner()
 
@@ -112,6 +117,10 @@ def test_score_reads_fast_heads(tiny_dir: dict[str, str], tmp_path: Path) -> Non
     torch.testing.assert_close(torch.tensor([r["reward_std"] for r in rows], dtype=torch.double) ** 2, want_var,
                                rtol=1e-4, atol=1e-9)
     assert [r["reward"] for r in score(one, "map")] == [r["reward"] for r in rows]
+    with running(create_app(Scorer.load(one, "la:std:k=1"))) as (url, _):  # `bayesrm serve` on the heads
+        res = httpx.post(f"{url}/v1/score", json={"prompt": prompts[0], "responses": responses[:1]})
+    assert res.status_code == 200, res.text
+    assert res.json()["results"][0]["std"] == pytest.approx(rows[0]["reward_std"], rel=1e-5)
 
     stack_e, meta_e, _ = load_heads(ens)
     stats = meta_e["standardization"]

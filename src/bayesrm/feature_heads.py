@@ -258,6 +258,15 @@ class FeatureHeads:
     def __len__(self) -> int:
         return self.stack.cfg.members
 
+    @property
+    def tokenizer(self) -> Any:
+        return self.backbone.tokenizer
+
+    @property
+    def config(self) -> Any:
+        """The backbone's RMConfig (template, max_length: what the server's token counts use)."""
+        return self.backbone.config
+
     def moments(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
                 progress: Callable[[int], None] | None = None, variance: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
