@@ -142,6 +142,13 @@ def test_pipeline_end_to_end_on_tiny_models(tmp_path: Path, tiny_cfg, monkeypatc
     monkeypatch.setattr("bayesrm.overopt.RewardModel.score", lambda *a, **k: pytest.fail("rescored"))
     STAGES["score"](cfg, log=lambda _: None)
     assert [p.stat().st_mtime_ns for p in cache] == stamps
+    # eval.max_prompts: the report (and score) read only the first prompts, from the same cache
+    first2 = replace(cfg, eval=replace(cfg.eval, min_prompts=2, max_prompts=2, results_dir=str(tmp_path / "r2")))
+    r2 = STAGES["report"](first2, log=lambda _: None)
+    assert r2["n_prompts"] == 2 and [p.stat().st_mtime_ns for p in cache] == stamps  # type: ignore[index]
+    assert r2["curves"][0]["gold"][0] == pytest.approx(gold[:32].mean(), abs=1e-5)  # type: ignore[index]
+    with pytest.raises(ValueError, match=r"below eval\.min_prompts"):
+        replace(cfg, eval=replace(cfg.eval, max_prompts=2))
 
 
 def pq_column(folder: Path) -> np.ndarray:

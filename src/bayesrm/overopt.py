@@ -97,6 +97,7 @@ class ReportConfig:
     max_n_frac: float = 0.25  # best-of-n up to n = N/4 (Coste et al.: bootstrap variance grows as n → N)
     n_boot: int = 2000
     min_prompts: int = 40  # fail unless this many evaluation prompts are complete (generated and scored)
+    max_prompts: int | None = None  # score and report only the first this many evaluation prompts (None: all)
     score_batch_size: int = 32
     results_dir: str = "docs/overopt"
 
@@ -119,6 +120,9 @@ class OveroptConfig:
     eval: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
+        if self.eval.max_prompts is not None and self.eval.max_prompts < self.eval.min_prompts:
+            raise ValueError(f"eval.max_prompts ({self.eval.max_prompts}) is below eval.min_prompts "
+                             f"({self.eval.min_prompts})")
         if self.eval_prompts < 1 or self.val_prompts < 0 or self.proxy_prompts < 1:
             raise ValueError("eval_prompts and proxy_prompts must be ≥ 1, val_prompts ≥ 0")
 
@@ -225,6 +229,13 @@ def stage_generate(cfg: OveroptConfig, parts: tuple[str, ...] = ("proxy_train", 
 def pool_shards(cfg: OveroptConfig, part: str) -> list[Path]:
     """The finished shards of a part, in order (a snapshot: generation may add more meanwhile)."""
     return sorted((Path(cfg.pool_dir) / part).glob("shard_*.parquet"))
+
+
+def eval_shards(cfg: OveroptConfig) -> list[Path]:
+    """The evaluation shards `score` and `report` use: all on disk, or the first ones up to `eval.max_prompts`."""
+    shards = pool_shards(cfg, "eval")
+    k = cfg.eval.max_prompts
+    return shards if k is None else shards[:-(-k // cfg.generation.eval_shard_prompts)]
 
 
 def load_part(cfg: OveroptConfig, part: str, shards: list[Path] | None = None) -> Pool:
@@ -471,7 +482,7 @@ def member_scores(cfg: OveroptConfig, part: str, shards: list[Path], log: Callab
 def stage_score(cfg: OveroptConfig, log: Callable[[str], None] = print) -> None:
     """Score every evaluation shard on disk with the gold and every proxy member (cached by shard)."""
     t0 = time.time()
-    shards = pool_shards(cfg, "eval")
+    shards = eval_shards(cfg)
     gold_scores(cfg, "eval", shards, log)
     member_scores(cfg, "eval", shards, log)
     _timed(cfg, "score", time.time() - t0)

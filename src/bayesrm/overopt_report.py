@@ -18,7 +18,7 @@ from bayesrm.bon import BonCurve, bon_curve, bon_estimate, default_ns, fit_gao_b
 from bayesrm.io import atomic_write_json, atomic_write_text
 from bayesrm.metrics import auroc
 from bayesrm.objectives import parse_spec, reference_stats, standardize, standardize_var
-from bayesrm.overopt import OveroptConfig, _timed, gold_scores, load_part, member_scores, pool_shards
+from bayesrm.overopt import OveroptConfig, _timed, eval_shards, gold_scores, load_part, member_scores
 
 HEAD = "head:"  # method prefix: the same spec with the head-only (last-layer) Laplace variance
 
@@ -75,7 +75,7 @@ def run_report(cfg: OveroptConfig, log: Callable[[str], None] = print) -> dict[s
 
     t0 = time.time()
     e = cfg.eval
-    shards = pool_shards(cfg, "eval")
+    shards = eval_shards(cfg)
     pool = load_part(cfg, "eval", shards)
     if len(pool) < e.min_prompts:
         raise ValueError(f"{cfg.pool_dir}/eval: {len(pool)} complete evaluation prompts, eval.min_prompts is "
