@@ -75,17 +75,16 @@ def pair_moments(path: str | Path, pairs: Sequence[Pair], cache_dir: str | Path 
                  batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ_Δ, Var Δ) of each pair under a saved model: fast heads (cached features; Laplace or ensemble spread), a
     model with a Laplace posterior (joint J_Δ Σ J_Δᵀ), or a BNRM model (its variational pair moments)."""
-    from bayesrm.feature_heads import is_heads_dir, load_heads, predict_pairs
+    from bayesrm.feature_heads import FeatureHeads, is_heads_dir, predict_pairs
     from bayesrm.features import pair_features
     from bayesrm.laplace import LaplacePosterior
-    from bayesrm.model import RewardModel, RMConfig
+    from bayesrm.model import RewardModel
     from bayesrm.run import RunDir
 
     if is_heads_dir(path):
-        stack, meta, post = load_heads(path)
-        model = RewardModel(RMConfig.from_dict(meta["model"]))
-        feats = pair_features(model, pairs, cache_dir, batch_size)
-        return predict_pairs(stack, feats, post, meta["laplace_params"])
+        heads = FeatureHeads.load(path)  # checks the backbone is the one the heads were trained on
+        feats = pair_features(heads.backbone, pairs, cache_dir, batch_size)
+        return predict_pairs(heads.stack, feats, heads.posterior, heads.which)
     model = RewardModel.load(path)
     if model.head.has_moments:  # BNRM: its variational pair moments
         return model.predict_pair_moments([p.prompt for p in pairs], [p.chosen for p in pairs],
