@@ -293,8 +293,14 @@ def gold_training_pairs(cfg: OveroptConfig, prompts: set[str], seed: int, top_up
     return direct + derived
 
 
+def gold_root(cfg: OveroptConfig) -> Path:
+    """Where the gold lives: beside the pool (committed, ~0.9 MB a member), since it costs an hour of CPU to train."""
+    return Path(cfg.pool_dir) / "gold"
+
+
 def _timed(cfg: OveroptConfig, stage: str, seconds: float) -> None:
-    path = Path(cfg.work_dir) / "timings.json"
+    """Add `seconds` to the stage's total in pool_dir/timings.json (committed with the pool)."""
+    path = Path(cfg.pool_dir) / "timings.json"
     t = json.loads(path.read_text()) if path.exists() else {}
     t[stage] = t.get(stage, 0.0) + seconds
     atomic_write_json(path, t)
@@ -314,9 +320,9 @@ def stage_gold(cfg: OveroptConfig, log: Callable[[str], None] = print) -> list[P
     save_pairs(held, work / "data" / "gold_heldout.jsonl")
     log(f"gold: {len(train_pairs)} judged pairs from {len(splits['gold_train'])} prompts; "
         f"{len(held)} held-out judged pairs from the validation prompts")
-    dirs = train_ensemble(cfg.gold.model, cfg.gold.train, train_pairs, work / "gold", members=cfg.gold.members,
+    dirs = train_ensemble(cfg.gold.model, cfg.gold.train, train_pairs, gold_root(cfg), members=cfg.gold.members,
                           eval_pairs=held[:500], log=log)
-    acc_path = work / "gold" / "heldout.json"
+    acc_path = gold_root(cfg) / "heldout.json"
     if not acc_path.exists():
         acc = {d.name: evaluate(RewardModel.load(d), held) for d in dirs}
         atomic_write_json(acc_path, {"n_pairs": len(held), "members": acc})
@@ -329,7 +335,7 @@ def gold_dirs(cfg: OveroptConfig) -> list[Path]:
     """The finished gold members (ValueError naming the folder if the gold stage has not run)."""
     from bayesrm.ensemble import member_name
 
-    dirs = [Path(cfg.work_dir) / "gold" / member_name(i) for i in range(cfg.gold.members)]
+    dirs = [gold_root(cfg) / member_name(i) for i in range(cfg.gold.members)]
     for d in dirs:
         if not RunDir.of(d).has_model:
             raise ValueError(f"{d}: gold member not trained yet; run --stage gold first")
@@ -386,7 +392,7 @@ def gold_scores(cfg: OveroptConfig, part: str, shards: list[Path], log: Callable
                 ) -> np.ndarray:
     """Gold reward per sample of a part: the mean of the gold members' rewards."""
     dirs = gold_dirs(cfg)
-    source = {"gold": [str(d) for d in dirs],
+    source = {"gold": [d.name for d in dirs],  # the members and their weights' fingerprint, not where they lie
               "fingerprint": _fingerprint([f for d in dirs
                                            for f in sorted(RunDir.of(d).model_dir.glob("*.safetensors"))])}
     models = [RewardModel.load(d) for d in dirs]
@@ -473,7 +479,7 @@ def member_scores(cfg: OveroptConfig, part: str, shards: list[Path], log: Callab
             return {"mean": m.numpy(), "var": v.numpy(), "var_head": vh.numpy()}
 
         sc = cached_scores(cfg, part, shards, member_name(i),
-                           {"member": str(d), "fingerprint": _fingerprint(files)}, compute, log)
+                           {"member": d.name, "fingerprint": _fingerprint(files)}, compute, log)
         for k in out:
             out[k].append(sc[k])
     return {k: np.stack(v) for k, v in out.items()}
