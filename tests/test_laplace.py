@@ -727,3 +727,20 @@ def test_fit_fraction_scales_the_subsample_fit_to_the_whole_data(trained: Reward
     assert torch.equal(mean_p, mean_f) and not torch.allclose(var_p, var_f)  # an estimate, not the full fit
     with pytest.raises(ValueError, match="fit_fraction"):
         LaplaceConfig(fit_fraction=0.0)
+
+
+def test_lora_on_a_per_row_module_is_handled(tiny_cfg: Callable[..., object]) -> None:
+    """target_modules "dense" also puts LoRA on BERT's pooler, whose input is (B, d), not (B, T, d); the reward
+    does not read it, so its Jacobian is 0 and the other tensors' are exact (before: a shape error in the fit)."""
+    model = _model(tiny_cfg, "bert", target_modules=["query", "value", "dense"])
+    mods = lora_modules(model)
+    assert any("pooler" in k for k in mods)
+    x, m = _batch(model, ["question 1 about cats", "what"], ["good kind", "great clear helpful correct short"])
+    _r, a, g = batch_jacobians(model, mods, x, m)
+    J = _jac(model, x, m)
+    for k in mods:
+        got = torch.einsum("bto,bti->boi", g[k], a[k])
+        assert (float(got.abs().max()) == 0.0) if "pooler" in k else _rel(got, J[k]) < 1e-12, k
+    post = fit_laplace(model, toy_pairs(6), LaplaceConfig(batch_size=3))
+    _, var = post.predict(model, ["q"], ["a b c"])
+    assert torch.isfinite(var).all() and float(var[0]) > 0

@@ -154,10 +154,16 @@ def batch_jacobians(model: RewardModel, modules: dict[str, nn.Linear], x: torch.
         names = list(modules)
         grads = torch.autograd.grad((c * r).sum(), [cap.outputs[n] for n in names], allow_unused=True)
     mask = m.unsqueeze(-1)  # (B, T, 1)
-    a = {n: _up(cap.inputs[n]) * mask for n in names}
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:
+        """(B, T, ·) with pads zeroed; a module that sees one vector per row (e.g. BERT's pooler, which a LoRA
+        target "dense" also matches) counts as a single always-real token."""
+        return _up(t) * mask if t.dim() == 3 else _up(t).unsqueeze(1)
+
+    a = {n: tokens(cap.inputs[n]) for n in names}
     g = {}
     for n, gr in zip(names, grads, strict=True):
-        g[n] = torch.zeros_like(_up(cap.outputs[n].detach())) if gr is None else _up(gr) * mask
+        g[n] = tokens(torch.zeros_like(cap.outputs[n].detach()) if gr is None else gr)
     return r.detach(), a, g
 
 
